@@ -1,0 +1,16 @@
+"""dsdtune: hyperparameter studies of sparse training (DSD, GSM, sparse inits) on Ray Tune."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["run_pipeline", "Pipeline", "RunSpec", "load_study"]
+
+
+def __getattr__(name):
+    # Lazy: `python -m dsdtune.study --dry-run` and config errors should not pay for importing torch.
+    if name in ("run_pipeline", "Pipeline"):
+        from . import pipeline
+        return getattr(pipeline, name)
+    if name in ("RunSpec", "load_study"):
+        from . import config
+        return getattr(config, name)
+    raise AttributeError(f"module 'dsdtune' has no attribute {name!r}")

@@ -1,0 +1,334 @@
+"""Typed, validated specs for runs and studies; YAML loading; `--set` overrides.
+
+Imports nothing else of dsdtune (registry names are checked by `dsdtune.pipeline.check_names`).
+A user's mistake becomes a `SpecError` whose message is one line naming the field and what is
+allowed; the command-line entry points print it and exit with code 2.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PHASE_KINDS = "DSG"
+
+
+class SpecError(ValueError):
+    """A user-caused problem with a study file, an override or a run spec (one line)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class TaskSpec(_Strict):
+    dataset: str = "mnist1d"
+    dataset_args: dict[str, Any] = Field(default_factory=dict)
+    model: str = "mlp"
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(2048, gt=0)
+    augment: bool = False
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    data_dir: str = "data"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class InitSpec(_Strict):
+    density: Literal["dense", "uniform", "erk", "snip", "grasp", "synflow"] = "dense"
+    weights: Literal["base", "eoi", "ai"] = "base"
+    init_density: float = Field(0.1, gt=0.0, le=1.0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+Scalar = Union[float, int]
+PerPhase = Union[Any, list]
+
+
+class PipelineSpec(_Strict):
+    """A flow of phases; per-phase settings are scalars (broadcast) or lists aligned with the flow.
+
+    `sparsity` and `criterion` may also be lists aligned with the sparse phases only (S and G), e.g.
+    flow DSDSD with sparsity [0.5, 0.25]. `lr` entries left as null default to `lr_decay` times the
+    previous phase's lr (the DSD paper's 1/10 per phase).
+    """
+
+    flow: str = "DSD"
+    epochs: Union[int, list[int]] = 10
+    lr: Union[float, list[Optional[float]]] = 0.1
+    lr_decay: float = Field(0.1, gt=0.0, le=1.0)
+    sparsity: Union[float, list[float]] = 0.5
+    criterion: Union[str, list[str]] = "layerwise_magnitude"
+    schedule: Union[Literal["constant", "step", "cosine"], list[Literal["constant", "step", "cosine"]]] = "constant"
+    optimizer: Union[Literal["sgd", "adam"], list[Literal["sgd", "adam"]]] = "sgd"
+    momentum: Union[float, list[float]] = 0.9
+    nesterov: Union[bool, list[bool]] = False
+    weight_decay: Union[float, list[float]] = 5e-4
+    gsm_momentum: float = Field(0.98, ge=0.0, lt=1.0)
+    gsm_budget: Optional[int] = Field(None, gt=0)
+    exclude_first: bool = True
+    exclude: list[str] = Field(default_factory=list)
+    weight_histograms: bool = False
+
+    @field_validator("flow")
+    @classmethod
+    def _flow(cls, value: str) -> str:
+        if not value or any(c not in PHASE_KINDS for c in value):
+            raise ValueError(f"must be a non-empty string of phase kinds D, S, G (e.g. DSD), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "PipelineSpec":
+        n, n_sparse = len(self.flow), sum(c in "SG" for c in self.flow)
+        for field in ("epochs", "lr", "schedule", "optimizer", "momentum", "nesterov", "weight_decay"):
+            value = getattr(self, field)
+            if isinstance(value, list) and len(value) != n:
+                raise ValueError(f"{field}: has {len(value)} entries but flow {self.flow!r} has {n} phases")
+        for field in ("sparsity", "criterion"):
+            value = getattr(self, field)
+            if isinstance(value, list) and len(value) not in (n, n_sparse):
+                raise ValueError(
+                    f"{field}: has {len(value)} entries; flow {self.flow!r} needs {n} (one per phase) "
+                    f"or {n_sparse} (one per S/G phase)")
+        for s in _as_list(self.sparsity):
+            if not 0.0 <= float(s) < 1.0:
+                raise ValueError(f"sparsity: {s} is outside [0, 1) (sparsity is the fraction of zeros)")
+        for e in _as_list(self.epochs):
+            if int(e) < 0:
+                raise ValueError(f"epochs: {e} is negative")
+        lrs = _as_list(self.lr)
+        if lrs[0] is None:
+            raise ValueError("lr: the first phase's lr must be given")
+        for lr in lrs:
+            if lr is not None and not lr > 0:
+                raise ValueError(f"lr: {lr} must be > 0")
+        for m in _as_list(self.momentum):
+            if not 0.0 <= m < 1.0:
+                raise ValueError(f"momentum: {m} is outside [0, 1)")
+        return self
+
+
+class RunSpec(_Strict):
+    """Everything one trial needs: what `dsdtune.run_pipeline` takes."""
+
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    init: InitSpec = Field(default_factory=InitSpec)
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Studies
+
+class SearchAxis(_Strict):
+    """One searched field. Exactly one of the keys is set."""
+
+    grid: Optional[list[Any]] = None
+    choice: Optional[list[Any]] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+    int: Optional[tuple[int, int]] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "SearchAxis":
+        set_keys = [k for k in ("grid", "choice", "uniform", "loguniform", "int") if getattr(self, k) is not None]
+        if len(set_keys) != 1:
+            raise ValueError("needs exactly one of grid, choice, uniform, loguniform, int")
+        key = set_keys[0]
+        value = getattr(self, key)
+        if key in ("grid", "choice") and len(value) == 0:
+            raise ValueError(f"{key}: is empty; give at least one value")
+        if key in ("uniform", "loguniform", "int") and not value[0] < value[1]:
+            raise ValueError(f"{key}: [low, high] needs low < high, got {list(value)}")
+        if key == "loguniform" and value[0] <= 0:
+            raise ValueError("loguniform: bounds must be > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "uniform", "loguniform", "int") if getattr(self, k) is not None)
+
+
+class SearchSpec(_Strict):
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, gt=0)
+    seed: int = 0
+    space: dict[str, SearchAxis] = Field(default_factory=dict)
+
+
+class SchedulerSpec(_Strict):
+    kind: Literal["none", "asha"] = "none"
+    grace_period: int = Field(2, gt=0)
+    reduction_factor: float = Field(3.0, gt=1.0)
+
+
+class ResourcesSpec(_Strict):
+    cpu: float = Field(1.0, gt=0.0)
+    gpu: float = Field(0.0, ge=0.0)
+
+
+class ConfirmSpec(_Strict):
+    """After an Optuna/random search: re-run the best config on fresh seeds beside a control."""
+
+    seeds: int = Field(8, gt=0)
+    first_seed: int = 1000
+    control: dict[str, Any] = Field(default_factory=dict)
+
+
+class StudySpec(_Strict):
+    name: str
+    description: str = ""
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    init: InitSpec = Field(default_factory=InitSpec)
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    seeds: Union[int, list[int]] = 3
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    test_metric: str = "test_acc"
+    control: Optional[dict[str, Any]] = None
+    confirm: Optional[ConfirmSpec] = None
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_concurrent: int = Field(0, ge=0)
+    max_failures: int = Field(2, ge=0)
+    checkpoint_every_s: float = Field(60.0, gt=0.0)
+    share_prefixes: bool = True
+    storage: Optional[str] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+            raise ValueError("use letters, digits, '_', '-', '.' only")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"needs at least 1 seed, got {value}")
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("needs a non-empty list of distinct integers")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if value.startswith("test"):
+            raise ValueError(f"{value!r} is a test metric; search on a validation metric (val_acc, val_loss)")
+        if value not in ("val_acc", "val_loss"):
+            raise ValueError(f"{value!r} is not searchable; allowed: val_acc, val_loss")
+        return value
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    def base_run(self) -> dict[str, Any]:
+        """The run spec (task/init/pipeline) before search values are filled in."""
+        return {"task": self.task.model_dump(), "init": self.init.model_dump(), "pipeline": self.pipeline.model_dump()}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line naming the first offending field and what is allowed."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or True)
+    # pydantic lists union members in the location (e.g. 'epochs.int'); keep the user's path only.
+    loc = re.sub(r"\.(int|float|str|bool|list\[[^\]]*\]|literal\[[^\]]*\]|function-after\[[^\]]*\])", "", loc)
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "literal_error":
+        msg = msg.replace("Input should be", "must be one of")
+    msg = msg.replace("Value error, ", "")
+    where = ".".join(filter(None, [prefix, loc]))
+    return f"{where}: {msg}" if where else msg
+
+
+def set_by_path(tree: dict, path: str, value: Any) -> None:
+    """Set tree['a']['b'] = value for path 'a.b', creating dicts on the way."""
+    keys = path.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key, {}), dict):
+            raise SpecError(f"{path}: {key} is not a section")
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def get_by_path(tree: dict, path: str) -> Any:
+    node = tree
+    for key in path.split("."):
+        node = node[key]
+    return node
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'pipeline.lr=[0.1, null]' -> ('pipeline.lr', [0.1, None]); values are YAML."""
+    if "=" not in text:
+        raise SpecError(f"--set {text!r}: expected key=value, e.g. --set pipeline.epochs=5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def parse_run_spec(spec: Union[dict, RunSpec]) -> RunSpec:
+    if isinstance(spec, RunSpec):
+        return spec
+    try:
+        return RunSpec.model_validate(spec)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def load_study(source: Union[str, Path], overrides: list[str] = (), studies_dir: Union[str, Path, None] = None) -> StudySpec:
+    """Load a study by name (studies/NAME.yaml) or path, apply `key=value` overrides, validate."""
+    path = resolve_study_path(source, studies_dir)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a study file must be a YAML mapping with at least 'name'")
+    raw = copy.deepcopy(raw)
+    raw.setdefault("name", path.stem)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_by_path(raw, key, value)
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def default_studies_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "studies"
+
+
+def resolve_study_path(source: Union[str, Path], studies_dir: Union[str, Path, None] = None) -> Path:
+    studies_dir = Path(studies_dir) if studies_dir else default_studies_dir()
+    candidate = Path(source)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate
+    named = studies_dir / f"{source}.yaml"
+    if named.exists():
+        return named
+    shipped = sorted(p.stem for p in studies_dir.glob("*.yaml"))
+    raise SpecError(f"study {str(source)!r} not found: give a path to a .yaml file or one of: {', '.join(shipped)}")

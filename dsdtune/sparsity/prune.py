@@ -1,0 +1,73 @@
+"""Pruning criteria: which weights a sparse phase keeps.
+
+Each criterion maps {name: weight} and a target sparsity to a `Masks` object with an exact kept
+count. Ties are broken by index (stable sort), so the same weights always give the same mask.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .masks import Masks, kept_count
+
+
+def _top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask (flat) keeping the k largest scores, earlier index first among equal scores."""
+    flat = scores.reshape(-1)
+    mask = torch.zeros_like(flat)
+    if k > 0:
+        order = torch.sort(flat, descending=True, stable=True).indices
+        mask[order[:k]] = 1
+    return mask
+
+
+@torch.no_grad()
+def prune_layerwise_magnitude(weights: dict[str, torch.Tensor], sparsity: float,
+                              generator: Optional[torch.Generator] = None) -> Masks:
+    """DSD's criterion: every layer keeps its own k = N(1 - sparsity) largest |w|."""
+    tensors = {}
+    for name, w in weights.items():
+        k = kept_count(w.numel(), 1.0 - sparsity)
+        tensors[name] = _top_k_mask(w.detach().abs(), k).reshape(w.shape).to(w.dtype)
+    return Masks(tensors)
+
+
+@torch.no_grad()
+def prune_global_magnitude(weights: dict[str, torch.Tensor], sparsity: float,
+                           generator: Optional[torch.Generator] = None) -> Masks:
+    """One threshold over all layers: keep the K = N_total(1 - sparsity) largest |w| overall."""
+    names = list(weights)
+    flat = torch.cat([weights[n].detach().abs().reshape(-1).float() for n in names])
+    mask = _top_k_mask(flat, kept_count(flat.numel(), 1.0 - sparsity))
+    return Masks(_split(mask, weights))
+
+
+@torch.no_grad()
+def prune_random(weights: dict[str, torch.Tensor], sparsity: float,
+                 generator: Optional[torch.Generator] = None) -> Masks:
+    """Exactly k random survivors per layer (a control for magnitude pruning)."""
+    tensors = {}
+    for name, w in weights.items():
+        k = kept_count(w.numel(), 1.0 - sparsity)
+        order = torch.randperm(w.numel(), generator=generator)
+        mask = torch.zeros(w.numel(), dtype=w.dtype)
+        mask[order[:k]] = 1
+        tensors[name] = mask.reshape(w.shape).to(w.device)
+    return Masks(tensors)
+
+
+def _split(flat_mask: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for name, w in like.items():
+        out[name] = flat_mask[start:start + w.numel()].reshape(w.shape).to(device=w.device, dtype=w.dtype)
+        start += w.numel()
+    return out
+
+
+Criterion = Callable[..., Masks]
+CRITERIA: dict[str, Criterion] = {
+    "layerwise_magnitude": prune_layerwise_magnitude,
+    "global_magnitude": prune_global_magnitude,
+    "random": prune_random,
+}
