@@ -190,6 +190,7 @@ class StudySpec(_Strict):
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"
     test_metric: str = "test_acc"
+    variants: Optional[dict[str, dict[str, Any]]] = None
     control: Optional[dict[str, Any]] = None
     confirm: Optional[ConfirmSpec] = None
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
@@ -253,25 +254,45 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     elif first["type"] == "literal_error":
         msg = msg.replace("Input should be", "must be one of")
     msg = msg.replace("Value error, ", "")
+    field = re.match(r"([a-z_]+): ", msg)
+    if field:  # a section-level check names its own field: pipeline + sparsity -> pipeline.sparsity
+        loc, msg = ".".join(filter(None, [loc, field.group(1)])), msg[field.end():]
     where = ".".join(filter(None, [prefix, loc]))
     return f"{where}: {msg}" if where else msg
 
 
 def set_by_path(tree: dict, path: str, value: Any) -> None:
-    """Set tree['a']['b'] = value for path 'a.b', creating dicts on the way."""
+    """Set tree['a']['b'] = value for path 'a.b' (creating sections); 'pipeline.lr.1' sets a list item."""
     keys = path.split(".")
     node = tree
     for key in keys[:-1]:
-        if not isinstance(node.get(key, {}), dict):
-            raise SpecError(f"{path}: {key} is not a section")
+        if isinstance(node, list):
+            node = _list_item(node, key, path)
+            continue
+        if not isinstance(node.get(key, {}), (dict, list)):
+            raise SpecError(f"{path}: {key} is a value, not a section or list")
         node = node.setdefault(key, {})
-    node[keys[-1]] = value
+    if isinstance(node, list):
+        index = int(keys[-1]) if keys[-1].isdigit() else None
+        if index is None or index >= len(node):
+            raise SpecError(f"{path}: index {keys[-1]} is outside the list of {len(node)} entries")
+        node[index] = value
+    elif keys[-1].isdigit():
+        raise SpecError(f"{path}: {'.'.join(keys[:-1])} must be written as a list to set entry {keys[-1]}")
+    else:
+        node[keys[-1]] = value
+
+
+def _list_item(node: list, key: str, path: str):
+    if not key.isdigit() or int(key) >= len(node):
+        raise SpecError(f"{path}: {key} is not an index of a list of {len(node)} entries")
+    return node[int(key)]
 
 
 def get_by_path(tree: dict, path: str) -> Any:
     node = tree
     for key in path.split("."):
-        node = node[key]
+        node = node[int(key)] if isinstance(node, list) else node[key]
     return node
 
 
@@ -285,6 +306,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def build_run_spec(base: dict, assignments: dict[str, Any], seed: int) -> RunSpec:
+    """A trial's run spec: the study's task/init/pipeline with an arm's dotted-path values and a seed."""
+    tree = copy.deepcopy(base)
+    for path, value in assignments.items():
+        set_by_path(tree, path, value)
+    tree["seed"] = int(seed)
+    return parse_run_spec(tree)
 
 
 def parse_run_spec(spec: Union[dict, RunSpec]) -> RunSpec:

@@ -13,8 +13,10 @@ branch from one trained prefix see the same data order.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -95,6 +97,23 @@ def check_names(spec: RunSpec) -> None:
             raise SpecError(f"pipeline.criterion: {phase.criterion!r} is unknown; allowed: {', '.join(CRITERIA)}")
 
 
+def prefix_id(spec: RunSpec, length: int) -> str:
+    """Name of the state after the first `length` phases: equal ids <=> bit-identical states.
+
+    Everything that shapes those phases goes in: task, init, seed, the phases' settings and the
+    pipeline options that decide which weights are prunable (they set the optimizer's groups).
+    """
+    pipe = spec.pipeline
+    key = {
+        "task": spec.task.model_dump(), "init": spec.init.model_dump(), "seed": spec.seed,
+        "phases": [asdict(p) for p in expand_phases(pipe)[:length]],
+        "exclude_first": pipe.exclude_first, "exclude": pipe.exclude, "gsm_budget": pipe.gsm_budget,
+        "weight_histograms": pipe.weight_histograms,
+    }
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{pipe.flow[:length]}-s{spec.seed}-{digest}"
+
+
 @dataclass
 class PipelineResult:
     status: str  # ok | diverged
@@ -154,10 +173,12 @@ class Pipeline:
 
     # ---- phase transitions -----------------------------------------------------------------
     def _param_groups(self) -> list[dict]:
-        # Group 0: prunable weights; group 1: biases, norms and excluded layers (GSM does not decay those).
-        ids = {id(p) for p in self.prunable.values()}
+        # Group 0: every layer weight, prunable or not (e.g. the dense first layer); group 1: biases and
+        # norms. G decays group 0 only: GSM's authors decay all conv/FC weights, never biases/norms.
+        weights = list(prunable_weights(self.model, exclude_first=False).values())
+        ids = {id(p) for p in weights}
         rest = [p for p in self.model.parameters() if id(p) not in ids]
-        return [{"params": list(self.prunable.values())}] + ([{"params": rest}] if rest else [])
+        return [{"params": weights}] + ([{"params": rest}] if rest else [])
 
     def _build_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
         optimizer = make_optimizer(self._param_groups(), phase.optimizer, phase.lr, phase.momentum,

@@ -1,0 +1,14 @@
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One small local Ray instance for the in-process Tune tests (no dashboard: faster start)."""
+    import ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
