@@ -1,0 +1,417 @@
+"""Model registry: `build_model(name, input_shape, num_classes, **model_args)`.
+
+Input shape and class count come from the dataset. Every model keeps its own initialization
+(PyTorch defaults, or He init where the original paper used it): that is the "base" init that
+sparse init schemes mask or replace. The first prunable layer is always the first one registered,
+so `prunable_weights(exclude_first=True)` leaves the input layer dense.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "linear": nn.Identity,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def _image_shape(model: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(f"{model} needs image input (C, H, W), got input_shape {tuple(input_shape)}")
+    return tuple(int(s) for s in input_shape)  # type: ignore[return-value]
+
+
+def _sequence_shape(model: str, input_shape: Sequence[int]) -> tuple[int, int]:
+    """(channels, length) for (L,) or (C, L) input."""
+    if len(input_shape) == 1:
+        return 1, int(input_shape[0])
+    if len(input_shape) == 2:
+        return int(input_shape[0]), int(input_shape[1])
+    raise ValueError(f"{model} needs (L,) or (C, L) input, got input_shape {tuple(input_shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fully connected
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear + activation (+ dropout) per hidden width, then a Linear head.
+
+    All Linear layers live in `layers`, so parameters are named layers.0.weight, layers.2.weight...
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        widths: Sequence[int],
+        num_classes: int,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        modules: list[nn.Module] = []
+        previous = in_features
+        for width in widths:
+            modules += [nn.Linear(previous, int(width)), _activation(activation)]
+            if dropout > 0:
+                modules.append(nn.Dropout(dropout))
+            previous = int(width)
+        modules.append(nn.Linear(previous, num_classes))
+        self.layers = nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.flatten(1))
+
+
+def mlp(
+    input_shape: Sequence[int],
+    num_classes: int,
+    widths: Sequence[int] = (256, 256),
+    activation: str = "relu",
+    dropout: float = 0.0,
+) -> nn.Module:
+    """MLP with hidden `widths` (default 256-256) on the flattened input."""
+    return MLP(math.prod(input_shape), widths, num_classes, activation, dropout)
+
+
+def lenet300_100(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """LeNet-300-100 (the DSD/pruning papers' MNIST MLP) for any flattened input."""
+    return MLP(math.prod(input_shape), (300, 100), num_classes, "relu")
+
+
+def deep_mlp(
+    input_shape: Sequence[int],
+    num_classes: int,
+    depth: int = 10,
+    width: int = 256,
+    activation: str = "tanh",
+) -> nn.Module:
+    """Deep vanilla MLP (`depth` hidden layers of `width`): no normalization, no residuals."""
+    return MLP(math.prod(input_shape), [width] * depth, num_classes, activation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutional
+
+
+class LeNet5(nn.Module):
+    """LeNet-5: conv 6 / conv 16 (5x5, each followed by 2x2 max pool), then fc 120 / 84 / classes."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int):
+        super().__init__()
+        channels, height, width = _image_shape("lenet5", input_shape)
+        # Padding 2 keeps 28x28 MNIST at full size like the original 32x32 input; a second padded
+        # conv lets inputs as small as 8x8 (digits) through.
+        self.conv1 = nn.Conv2d(channels, 6, 5, padding=2)
+        small = min(height, width) // 2 < 10
+        self.conv2 = nn.Conv2d(6, 16, 5, padding=2 if small else 0)
+        with torch.no_grad():
+            features = self._features(torch.zeros(1, channels, height, width)).shape[1]
+        self.fc1 = nn.Linear(features, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(self._features(x)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
+def lenet5(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """LeNet-5 for 1- or 3-channel images of any size >= 8x8."""
+    return LeNet5(input_shape, num_classes)
+
+
+class Conv1DNet(nn.Module):
+    """1-D CNN for MNIST-1D: conv layers (kernel 5, ReLU; all but the first stride 2), then Linear."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (32, 64, 64),
+        kernel_size: int = 5,
+    ):
+        super().__init__()
+        in_channels, length = _sequence_shape("conv1d", input_shape)
+        self.in_channels = in_channels
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for i, out in enumerate(channels):
+            stride = 1 if i == 0 else 2
+            layers += [nn.Conv1d(previous, int(out), kernel_size, stride=stride, padding=kernel_size // 2), nn.ReLU()]
+            previous = int(out)
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():
+            features = self.features(torch.zeros(1, in_channels, length)).numel()
+        self.head = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], self.in_channels, -1)
+        return self.head(self.features(x).flatten(1))
+
+
+def conv1d(
+    input_shape: Sequence[int],
+    num_classes: int,
+    channels: Sequence[int] = (32, 64, 64),
+    kernel_size: int = 5,
+) -> nn.Module:
+    """Small 1-D CNN for (L,) or (C, L) input, e.g. MNIST-1D (40,)."""
+    return Conv1DNet(input_shape, num_classes, channels, kernel_size)
+
+
+class DeepCNN(nn.Module):
+    """Deep vanilla CNN: `depth` 3x3 convs of `width` channels with circular padding, no
+    normalization, no residuals, then global average pool and Linear. 1-D input uses Conv1d."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        depth: int = 10,
+        width: int = 64,
+        activation: str = "tanh",
+    ):
+        super().__init__()
+        if len(input_shape) == 3:
+            conv, self.sample_shape = nn.Conv2d, tuple(int(s) for s in input_shape)
+        else:
+            conv, self.sample_shape = nn.Conv1d, _sequence_shape("deep_cnn", input_shape)
+        in_channels = self.sample_shape[0]
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for _ in range(depth):
+            layers += [conv(previous, width, 3, padding=1, padding_mode="circular"), _activation(activation)]
+            previous = width
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(x.reshape(x.shape[0], *self.sample_shape))
+        return self.head(x.flatten(2).mean(2))
+
+
+def deep_cnn(
+    input_shape: Sequence[int],
+    num_classes: int,
+    depth: int = 10,
+    width: int = 64,
+    activation: str = "tanh",
+) -> nn.Module:
+    """Deep vanilla CNN (circular-padded 3x3 convs, tanh by default) for images or 1-D signals."""
+    return DeepCNN(input_shape, num_classes, depth, width, activation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent
+
+
+class GRUNet(nn.Module):
+    """A GRU reads the signal one step at a time ((L,) -> (B, L, 1)); Linear on the last state."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden_size: int = 128, num_layers: int = 1):
+        super().__init__()
+        self.in_channels, _ = _sequence_shape("gru", input_shape)
+        self.gru = nn.GRU(self.in_channels, hidden_size, num_layers=num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, L) -> (B, L, C): time runs along the signal.
+        x = x.reshape(x.shape[0], self.in_channels, -1).transpose(1, 2)
+        _, hidden = self.gru(x)
+        return self.head(hidden[-1])
+
+
+def gru(input_shape: Sequence[int], num_classes: int, hidden_size: int = 128, num_layers: int = 1) -> nn.Module:
+    """GRU sequence classifier for (L,) or (C, L) input."""
+    return GRUNet(input_shape, num_classes, hidden_size, num_layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR ResNet (He et al. 2016, section 4.2)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity shortcut.
+
+    Where the block downsamples or widens, the shortcut is the paper's option A: subsample the
+    input by 2 and append zero channels, which adds no parameters.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride = stride
+        self.extra_channels = planes - in_planes
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra_channels > 0:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2): 3x3 conv 16, three stages of n blocks at 16/32/64 channels, avg pool, Linear."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, blocks_per_stage: int, widths=(16, 32, 64)):
+        super().__init__()
+        channels, _, _ = _image_shape("resnet", input_shape)
+        self.conv1 = nn.Conv2d(channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages = []
+        previous = widths[0]
+        for i, width in enumerate(widths):
+            blocks = []
+            for j in range(blocks_per_stage):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(BasicBlock(previous, width, stride))
+                previous = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(previous, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                # He init, as in the paper.
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.stages(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def resnet20(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """CIFAR ResNet-20 (0.27M parameters)."""
+    return CifarResNet(input_shape, num_classes, 3)
+
+
+def resnet32(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """CIFAR ResNet-32 (0.46M parameters)."""
+    return CifarResNet(input_shape, num_classes, 5)
+
+
+def resnet56(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """CIFAR ResNet-56 (0.85M parameters)."""
+    return CifarResNet(input_shape, num_classes, 9)
+
+
+# ---------------------------------------------------------------------------------------------
+# VGG-16 (CIFAR variant)
+
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """VGG-16 with BatchNorm for small images: 13 conv-BN-ReLU layers, max pools, Linear(512, classes).
+
+    Pools that would shrink the feature map below 1x1 are skipped, so inputs smaller than 32x32
+    work; a global average pool feeds the classifier whatever the input size.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, config: Sequence = _VGG16):
+        super().__init__()
+        channels, height, width = _image_shape("vgg16", input_shape)
+        layers: list[nn.Module] = []
+        previous = channels
+        size = min(height, width)
+        for item in config:
+            if item == "M":
+                if size >= 2:
+                    layers.append(nn.MaxPool2d(2))
+                    size //= 2
+                continue
+            layers += [nn.Conv2d(previous, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU()]
+            previous = item
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(previous, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+def vgg16(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """CIFAR VGG-16 with BatchNorm and a 512 -> classes classifier (~14.7M parameters)."""
+    return VGG(input_shape, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "lenet300_100": lenet300_100,
+    "lenet5": lenet5,
+    "conv1d": conv1d,
+    "gru": gru,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet56": resnet56,
+    "vgg16": vgg16,
+    "deep_mlp": deep_mlp,
+    "deep_cnn": deep_cnn,
+}
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def _torchvision_model(name: str, input_shape: Sequence[int], num_classes: int, **model_args: Any) -> nn.Module:
+    import torchvision.models
+
+    builder = getattr(torchvision.models, name, None)
+    if name.startswith("_") or not callable(builder):
+        raise ValueError(
+            f"unknown torchvision model {name!r}; see torchvision.models.list_models(), e.g. torchvision:resnet18"
+        )
+    return builder(weights=None, num_classes=num_classes, **model_args)
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, **model_args: Any) -> nn.Module:
+    """Build a registered model (or `torchvision:<name>`) for samples of `input_shape`.
+
+    Unknown names and unknown model_args raise ValueError naming the allowed values.
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    if name.startswith(TORCHVISION_PREFIX):
+        return _torchvision_model(name[len(TORCHVISION_PREFIX) :], input_shape, num_classes, **model_args)
+    if name not in MODELS:
+        allowed = ", ".join(list(MODELS) + [f"{TORCHVISION_PREFIX}<name>"])
+        raise ValueError(f"unknown model {name!r}; allowed: {allowed}")
+    builder = MODELS[name]
+    allowed_args = list(inspect.signature(builder).parameters)[2:]
+    unknown = sorted(set(model_args) - set(allowed_args))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} got unknown model_args {unknown}; allowed: {allowed_args or 'none'}"
+        )
+    return builder(input_shape, num_classes, **model_args)
