@@ -1,0 +1,345 @@
+"""dsdtune.report on small synthetic results directories with known values."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from dsdtune import stats
+from dsdtune.report import StudyError, main, write_report
+
+SEEDS = [0, 1, 2, 3, 4, 5]
+LABELS = ["D1", "S1", "D2"]
+EPOCHS = (4, 3, 3)  # per phase
+
+
+def _study_json(d: Path, **over) -> dict:
+    meta = {"name": "synthetic_dsd", "description": "A synthetic DSD sparsity sweep.",
+            "metric": "val_acc", "mode": "max", "test_metric": "test_acc",
+            "factors": ["pipeline.sparsity"], "flow": "DSD", "phase_labels": LABELS,
+            "seeds": SEEDS, "search_alg": "grid", "control": {"pipeline.sparsity": 0.0},
+            "shared_prefix": True}
+    meta.update(over)
+    (d / "study.json").write_text(json.dumps(meta))
+    return meta
+
+
+def _trial(tid, arm, factors, seed, base, final, status="ok", stage="sweep", prefix=None, val=None):
+    row = {"trial_id": tid, "stage": stage, "arm": arm, **factors, "seed": seed, "status": status,
+           "prefix_id": prefix if prefix is not None else f"p{seed}", "epochs_trained": sum(EPOCHS),
+           "wall_time_s": 1.0, "final_val_acc": final - 0.002 if val is None else val,
+           "final_val_loss": 0.3, "final_test_acc": final, "final_test_loss": 0.3,
+           "final_sparsity": 0.0, "acc_after_D1": base, "val_acc_after_D1": base - 0.001,
+           "acc_after_S1": final - 0.01, "val_acc_after_S1": final - 0.011,
+           "acc_after_D2": final, "val_acc_after_D2": final - 0.002}
+    if status != "ok":
+        row.update(final_test_acc=np.nan, final_val_acc=np.nan, acc_after_D2=np.nan, acc_after_S1=np.nan)
+    return row
+
+
+def make_sweep(d: Path, *, shared_prefix=True, diverge=True, with_history=True, seed=0) -> pd.DataFrame:
+    """Sparsities 0/0.3/0.5/0.7 x 6 seeds; one diverged trial at 0.7; a real effect at 0.5."""
+    d.mkdir(parents=True, exist_ok=True)
+    _study_json(d, shared_prefix=shared_prefix)
+    rng = np.random.default_rng(seed)
+    base = 0.90 + 0.004 * rng.standard_normal(len(SEEDS))
+    effect = {0.0: 0.002, 0.3: 0.004, 0.5: 0.012, 0.7: -0.001}
+    rows, tid = [], 0
+    for sp, eff in effect.items():
+        for i, s in enumerate(SEEDS):
+            status = "diverged" if (diverge and sp == 0.7 and s == 5) else "ok"
+            final = base[i] + eff + 0.002 * rng.standard_normal()
+            rows.append(_trial(tid, f"pipeline.sparsity={sp:g}", {"pipeline.sparsity": sp}, s,
+                               base[i], final, status))
+            tid += 1
+    trials = pd.DataFrame(rows)
+    trials.to_csv(d / "trials.csv", index=False)
+    if with_history:
+        hist = []
+        for r in rows:
+            epoch = 0
+            for ph, (n_ep, lab) in enumerate(zip(EPOCHS, LABELS)):
+                for _ in range(n_ep):
+                    epoch += 1
+                    acc = 0.5 + 0.4 * (1 - np.exp(-epoch / 2)) + 0.01 * rng.standard_normal()
+                    hist.append({"trial_id": r["trial_id"], "epoch": epoch, "phase": ph,
+                                 "phase_kind": lab[0], "phase_label": lab, "lr": 0.1 / 10**ph,
+                                 "sparsity": r["pipeline.sparsity"] if lab == "S1" else 0.0,
+                                 "train_loss": 1 - acc, "val_loss": 1 - acc, "val_acc": acc,
+                                 "test_loss": 1 - acc, "test_acc": acc + 0.002})
+        pd.DataFrame(hist).to_csv(d / "history.csv", index=False)
+    return trials
+
+
+def _ok_values(trials: pd.DataFrame, sp: float, col="final_test_acc") -> np.ndarray:
+    t = trials[(trials["pipeline.sparsity"] == sp) & (trials["status"] == "ok")]
+    return t.sort_values("seed")[col].to_numpy(dtype=float)
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_summary_matches_numpy_and_counts_diverged(tmp_path):
+    trials = make_sweep(tmp_path)
+    paths = write_report(tmp_path, figures=False)
+    summ = pd.read_csv(paths["summary"])
+    s = summ[summ["metric"] == "final_test_acc"].set_index("pipeline.sparsity")
+    for sp in (0.0, 0.3, 0.5, 0.7):
+        x = _ok_values(trials, sp)
+        n = len(x)
+        half = sps.t.ppf(0.975, n - 1) * x.std(ddof=1) / np.sqrt(n)
+        row = s.loc[sp]
+        assert row["n"] == n
+        assert row["mean"] == pytest.approx(x.mean(), abs=1e-12)
+        assert row["sd"] == pytest.approx(x.std(ddof=1), rel=1e-9)
+        assert row["sem"] == pytest.approx(x.std(ddof=1) / np.sqrt(n), rel=1e-9)
+        assert row["ci_low"] == pytest.approx(x.mean() - half, rel=1e-9)
+        assert row["ci_high"] == pytest.approx(x.mean() + half, rel=1e-9)
+        assert row["median"] == pytest.approx(np.median(x))
+        assert (row["min"], row["max"]) == pytest.approx((x.min(), x.max()))
+    # The diverged trial is counted, not used: 6 trials, 5 ok, 1 diverged, n = 5.
+    r7 = s.loc[0.7]
+    assert (r7["n_total"], r7["n_ok"], r7["n_diverged"], r7["n_error"], r7["n"]) == (6, 5, 1, 0, 5)
+    # Per-phase metrics are summarized too (the diverged trial has a D1 value but is still excluded).
+    d1 = summ[(summ["metric"] == "acc_after_D1") & (summ["pipeline.sparsity"] == 0.7)].iloc[0]
+    assert d1["n"] == 5
+    assert d1["mean"] == pytest.approx(_ok_values(trials, 0.7, "acc_after_D1").mean())
+    assert set(summ["metric"]) >= {"final_test_acc", "acc_after_D1", "acc_after_S1", "acc_after_D2"}
+
+
+def test_paired_t_by_seed_with_shared_prefix_and_holm_family(tmp_path):
+    trials = make_sweep(tmp_path, shared_prefix=True)
+    comp = pd.read_csv(write_report(tmp_path, figures=False)["comparisons"])
+    cc = comp[comp["family"] == "vs_control"].set_index("pipeline.sparsity")
+    assert sorted(cc.index) == [0.3, 0.5, 0.7]  # the control is not compared with itself
+    assert set(cc["test"]) == {"paired_t"}
+    ctrl = trials[(trials["pipeline.sparsity"] == 0.0) & (trials["status"] == "ok")].set_index("seed")
+    raw = {}
+    for sp in (0.3, 0.5, 0.7):
+        arm = trials[(trials["pipeline.sparsity"] == sp) & (trials["status"] == "ok")].set_index("seed")
+        common = arm.index.intersection(ctrl.index)
+        ref = stats.paired_t(arm.loc[common, "final_test_acc"], ctrl.loc[common, "final_test_acc"])
+        got = cc.loc[sp]
+        assert got["n_a"] == len(common)
+        assert got["p_value"] == pytest.approx(ref.p_value, rel=1e-9)
+        assert got["diff"] == pytest.approx(ref.diff, rel=1e-9)
+        assert (got["ci_low"], got["ci_high"]) == pytest.approx((ref.ci_low, ref.ci_high), rel=1e-9)
+        assert got["rank_test"] == "wilcoxon_signed_rank"
+        raw[sp] = ref.p_value
+    holm = stats.holm([raw[sp] for sp in (0.3, 0.5, 0.7)])
+    assert holm.m == 3 and set(cc["family_m"]) == {3}
+    assert list(cc.loc[[0.3, 0.5, 0.7], "p_holm"]) == pytest.approx(holm.p_adjusted, rel=1e-9)
+    bh = stats.benjamini_hochberg([raw[sp] for sp in (0.3, 0.5, 0.7)])
+    assert list(cc.loc[[0.3, 0.5, 0.7], "p_bh"]) == pytest.approx(bh.p_adjusted, rel=1e-9)
+    assert list(cc["significant"]) == [p < 0.05 for p in cc["p_holm"]]
+    assert bool(cc.loc[0.5, "significant"])  # the planted +1 pp effect over the control
+
+
+def test_welch_without_shared_prefix_and_effect_sizes(tmp_path):
+    trials = make_sweep(tmp_path, shared_prefix=False)
+    comp = pd.read_csv(write_report(tmp_path, figures=False)["comparisons"])
+    cc = comp[comp["family"] == "vs_control"].set_index("pipeline.sparsity")
+    assert set(cc["test"]) == {"welch_t"}
+    a, c = _ok_values(trials, 0.7), _ok_values(trials, 0.0)
+    ref = stats.welch_t(a, c)
+    got = cc.loc[0.7]
+    assert (got["n_a"], got["n_b"]) == (5, 6)
+    assert got["p_value"] == pytest.approx(ref.p_value, rel=1e-9)
+    assert got["df"] == pytest.approx(ref.df, rel=1e-9)
+    assert got["hedges_g"] == pytest.approx(stats.hedges_g(a, c).value, rel=1e-9)
+    assert got["p_better"] == pytest.approx(stats.prob_superiority(a, c).value, rel=1e-9)
+    assert got["rank_p"] == pytest.approx(stats.mann_whitney(a, c).p_value, rel=1e-9)
+    pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(c) - 1) * c.var(ddof=1)) / (len(a) + len(c) - 2))
+    mde = stats.minimum_detectable_effect(len(a), len(c), sd=pooled).effect_metric
+    assert got["mde"] == pytest.approx(mde, rel=1e-9)
+    assert bool(got["underpowered"]) == (abs(got["diff"]) < mde)
+
+
+def test_prefix_mismatch_falls_back_to_welch(tmp_path):
+    make_sweep(tmp_path)
+    t = pd.read_csv(tmp_path / "trials.csv")
+    t.loc[t["pipeline.sparsity"] == 0.3, "prefix_id"] = "other"
+    t.to_csv(tmp_path / "trials.csv", index=False)
+    comp = pd.read_csv(write_report(tmp_path, figures=False)["comparisons"])
+    cc = comp[comp["family"] == "vs_control"].set_index("pipeline.sparsity")
+    assert cc.loc[0.3, "test"] == "welch_t" and "prefix_id differs" in cc.loc[0.3, "note"]
+    assert cc.loc[0.5, "test"] == "paired_t"
+
+
+def test_baseline_family_is_paired_within_trial(tmp_path):
+    trials = make_sweep(tmp_path)
+    comp = pd.read_csv(write_report(tmp_path, figures=False)["comparisons"])
+    bc = comp[comp["family"] == "vs_baseline"].set_index("pipeline.sparsity")
+    assert sorted(bc.index) == [0.0, 0.3, 0.5, 0.7] and set(bc["test"]) == {"paired_t"}
+    ok = trials[(trials["pipeline.sparsity"] == 0.5) & (trials["status"] == "ok")]
+    ref = stats.paired_t(ok["final_test_acc"], ok["acc_after_D1"])
+    assert bc.loc[0.5, "p_value"] == pytest.approx(ref.p_value, rel=1e-9)
+    assert set(bc["family_m"]) == {4}
+
+
+def test_multifactor_control_matched_within_init_scheme(tmp_path):
+    _study_json(tmp_path, factors=["init.weights", "pipeline.sparsity"], shared_prefix=False)
+    rng = np.random.default_rng(1)
+    rows, tid = [], 0
+    offset = {"base": 0.0, "eoi": 0.05}  # a big init effect: a wrong match would show up in diff
+    for w in ("base", "eoi"):
+        for sp in (0.0, 0.5):
+            for s in SEEDS[:4]:
+                final = 0.8 + offset[w] + 0.003 * rng.standard_normal()
+                rows.append(_trial(tid, f"init.weights={w}, pipeline.sparsity={sp:g}",
+                                   {"init.weights": w, "pipeline.sparsity": sp}, s, 0.79, final,
+                                   prefix=f"{w}{s}"))
+                tid += 1
+    pd.DataFrame(rows).to_csv(tmp_path / "trials.csv", index=False)
+    paths = write_report(tmp_path, figures=False)
+    comp = pd.read_csv(paths["comparisons"])
+    cc = comp[comp["family"] == "vs_control"]
+    assert len(cc) == 2 and set(cc["family_m"]) == {2}
+    for _, r in cc.iterrows():
+        assert r["pipeline.sparsity"] == 0.5
+        assert r["reference"] == f"init.weights={r['init.weights']}, pipeline.sparsity=0"
+        assert abs(r["diff"]) < 0.02  # same init scheme on both sides
+    report = paths["report"].read_text()
+    assert "same init.weights" in report
+
+
+def test_optuna_best_on_validation_vs_confirm(tmp_path):
+    _study_json(tmp_path, name="opt", search_alg="optuna", factors=["pipeline.lr"],
+                control={"pipeline.lr": 0.1}, shared_prefix=False)
+    rows = [
+        # lr 0.05 is best on validation; lr 0.2 is best on test (must not be chosen).
+        _trial(0, "pipeline.lr=0.05", {"pipeline.lr": 0.05}, 0, 0.9, 0.91, val=0.95),
+        _trial(1, "pipeline.lr=0.2", {"pipeline.lr": 0.2}, 1, 0.9, 0.99, val=0.90),
+        _trial(2, "pipeline.lr=0.3", {"pipeline.lr": 0.3}, 2, 0.9, 0.5, status="error"),
+    ]
+    rng = np.random.default_rng(2)
+    tid = 3
+    for lr, mu in ((0.05, 0.92), (0.1, 0.90)):
+        for s in range(1000, 1005):
+            rows.append(_trial(tid, f"pipeline.lr={lr:g}", {"pipeline.lr": lr}, s, 0.88,
+                               mu + 0.003 * rng.standard_normal(), stage="confirm"))
+            tid += 1
+    trials = pd.DataFrame(rows)
+    trials.to_csv(tmp_path / "trials.csv", index=False)
+    paths = write_report(tmp_path)
+    comp = pd.read_csv(paths["comparisons"])
+    cc = comp[comp["family"] == "vs_control"]
+    assert len(cc) == 1 and cc.iloc[0]["pipeline.lr"] == 0.05 and cc.iloc[0]["family_m"] == 1
+    conf = trials[trials["stage"] == "confirm"]
+    ref = stats.welch_t(conf.loc[conf["pipeline.lr"] == 0.05, "final_test_acc"],
+                        conf.loc[conf["pipeline.lr"] == 0.1, "final_test_acc"])
+    assert cc.iloc[0]["p_value"] == pytest.approx(ref.p_value, rel=1e-9)
+    assert (cc.iloc[0]["n_a"], cc.iloc[0]["n_b"]) == (5, 5)  # sweep rows are not mixed in
+    summ = pd.read_csv(paths["summary"])
+    assert set(summ["stage"]) == {"confirm", "sweep"}
+    report = paths["report"].read_text()
+    assert "Best configuration by mean `final_val_acc`: **pipeline.lr=0.05**" in report
+    assert "fig_search" in paths and paths["fig_search"].stat().st_size > 0
+
+
+def test_files_written_pngs_and_report_text(tmp_path):
+    make_sweep(tmp_path)
+    layers = [{"trial_id": t, "layer": f"layers.{i}.weight", "numel": 100, "density": 1.0 if i == 0 else 0.5}
+              for t in range(24) for i in range(3)]
+    pd.DataFrame(layers).to_csv(tmp_path / "layers.csv", index=False)
+    edges = np.linspace(-0.3, 0.3, 21)
+    weights = [{"trial_id": t, "phase_label": lab, "bin_left": lo, "bin_right": hi,
+                "count": 5 + int(100 * np.exp(-((lo + hi) / 2) ** 2 / 0.01))}
+               for t in range(24) for lab in LABELS for lo, hi in zip(edges[:-1], edges[1:])]
+    pd.DataFrame(weights).to_csv(tmp_path / "weights.csv", index=False)
+    out = tmp_path / "out"
+    paths = write_report(tmp_path, out_dir=out)
+    expected = {"summary", "comparisons", "report", "fig_metric_vs_sparsity", "fig_metric_by_arm",
+                "fig_learning_curves", "fig_layer_density", "fig_weight_hist"}
+    assert expected <= set(paths)
+    for key, p in paths.items():
+        assert p.parent == out and p.is_file() and p.stat().st_size > 0
+        if key.startswith("fig_"):
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+    report = paths["report"].read_text()
+    assert "did not beat the direct fine-tune control" in report or \
+           "was not significantly better than the direct fine-tune control" in report
+    assert "DSD with pipeline.sparsity=0.5 beat the direct fine-tune control (pipeline.sparsity=0)" in report
+    assert "Holm over m = 3" in report and "Holm p =" in report and "(m = 3)" in report
+    assert "± " in report and " SD (n=6)" in report and " SD (n=5)" in report
+    assert "95% t-CI" in report and "SEM" in report
+    assert "1 diverged" in report
+    assert "no effect larger than" in report
+    for fig in ("fig_metric_vs_sparsity.png", "fig_learning_curves.png", "fig_weight_hist.png"):
+        assert f"]({fig})" in report
+
+
+def test_partial_study_without_optional_files_and_missing_control(tmp_path):
+    make_sweep(tmp_path, with_history=False)
+    t = pd.read_csv(tmp_path / "trials.csv")
+    t = t[t["pipeline.sparsity"] != 0.0]  # the control arm has not run yet
+    t.loc[t.index[0], "status"] = "error"
+    t.to_csv(tmp_path / "trials.csv", index=False)
+    paths = write_report(tmp_path)
+    assert "fig_learning_curves" not in paths and "fig_layer_density" not in paths
+    report = paths["report"].read_text()
+    assert "No trial matches the control (pipeline.sparsity=0)" in report
+    comp = pd.read_csv(paths["comparisons"])
+    assert set(comp["family"]) == {"vs_baseline"}
+    summ = pd.read_csv(paths["summary"])
+    row = summ[(summ["metric"] == "final_test_acc") & (summ["pipeline.sparsity"] == 0.3)].iloc[0]
+    assert (row["n_error"], row["n"]) == (1, 5)
+
+
+def test_guards_insufficient_n_and_no_variance(tmp_path):
+    _study_json(tmp_path, shared_prefix=False)
+    rows = [_trial(0, "s=0", {"pipeline.sparsity": 0.0}, 0, 0.9, 0.9),
+            _trial(1, "s=0", {"pipeline.sparsity": 0.0}, 1, 0.9, 0.9),
+            _trial(2, "s=0.5", {"pipeline.sparsity": 0.5}, 0, 0.9, 0.91),
+            _trial(3, "s=0.5", {"pipeline.sparsity": 0.5}, 1, 0.9, 0.5, status="diverged"),
+            _trial(4, "s=0.7", {"pipeline.sparsity": 0.7}, 0, 0.9, 0.9),
+            _trial(5, "s=0.7", {"pipeline.sparsity": 0.7}, 1, 0.9, 0.9)]
+    pd.DataFrame(rows).to_csv(tmp_path / "trials.csv", index=False)
+    paths = write_report(tmp_path, figures=False)
+    cc = pd.read_csv(paths["comparisons"]).query("family == 'vs_control'").set_index("pipeline.sparsity")
+    assert cc.loc[0.5, "status"] == "insufficient_n" and np.isnan(cc.loc[0.5, "p_value"])
+    assert cc.loc[0.7, "status"] == "no_variance"
+    assert set(cc["family_m"]) == {0}  # no p-value, no family
+    report = paths["report"].read_text()
+    assert "could not be tested against the direct fine-tune control" in report
+    assert "no run-to-run variance" in report
+
+
+def test_control_option_and_no_control(tmp_path):
+    make_sweep(tmp_path)
+    comp = pd.read_csv(write_report(tmp_path, control="pipeline.sparsity=0.3", figures=False)["comparisons"])
+    cc = comp[comp["family"] == "vs_control"]
+    assert sorted(cc["pipeline.sparsity"]) == [0.0, 0.5, 0.7]
+    assert set(cc["reference"]) == {"pipeline.sparsity=0.3"}
+    _study_json(tmp_path, control=None)
+    paths = write_report(tmp_path, figures=False)
+    assert "names no control" in paths["report"].read_text()
+    cc = pd.read_csv(paths["comparisons"]).query("family == 'vs_control'")
+    # The reference is the best arm on validation (sparsity 0.5 carries the planted effect).
+    assert set(cc["reference"]) == {"pipeline.sparsity=0.5"} and len(cc) == 3
+    with pytest.raises(StudyError, match="not a factor"):
+        write_report(tmp_path, control="lr=0.1", figures=False)
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    assert main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "study.json").write_text("{not json")
+    assert main([str(tmp_path / "bad")]) == 2
+    make_sweep(tmp_path / "ok", with_history=False)
+    assert main([str(tmp_path / "ok"), "--metric", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    # A real subprocess: exit code 2 and no traceback.
+    proc = subprocess.run([sys.executable, "-m", "dsdtune.report", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

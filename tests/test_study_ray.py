@@ -1,0 +1,150 @@
+"""The study runner on real Ray: stages, shared prefixes, divergence, kill + resume, dashboard, cluster."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+import torch
+
+from dsdtune.config import build_run_spec, load_study
+from dsdtune.pipeline import run_pipeline
+from dsdtune.study import main
+
+TINY = Path(__file__).parent / "studies" / "tiny.yaml"
+
+
+def reference_metrics(study_path, overrides, arm_assign, seed):
+    """What an uninterrupted, in-process run of one trial ends with (Ray trials use 1 thread)."""
+    spec = load_study(study_path, overrides)
+    torch.set_num_threads(1)
+    result = run_pipeline(build_run_spec(spec.base_run(), arm_assign, seed))
+    return result.final
+
+
+def test_study_runs_shares_prefixes_and_records_divergence(ray_local, tmp_path):
+    overrides = ['variants={stable: {}, diverging: {pipeline.lr: [0.05, 1000.0, 0.0005]}}']
+    args = [str(TINY), "--results", str(tmp_path), "--no-report"] + sum((["--set", o] for o in overrides), [])
+    assert main(args) == 0
+    out = tmp_path / "tiny"
+    trials = pd.read_csv(out / "trials.csv")
+    sweep = trials[trials.stage == "sweep"]
+    prefix = trials[trials.stage == "prefix"]
+    assert len(prefix) == 2 and len(sweep) == 8  # 2 seeds' dense phases trained once; 2 variants x 2 sparsities x 2 seeds
+    assert sorted(sweep.groupby(["arm", "seed"]).size().tolist()) == [1] * 8
+    assert set(sweep.prefix_id) == set(prefix.prefix_id)
+    diverging = sweep[sweep.variant == "diverging"]
+    assert (diverging.status == "diverged").all() and (sweep[sweep.variant == "stable"].status == "ok").all()
+    assert (sweep.epochs_trained[sweep.status == "ok"] == 4).all()  # S + D only: D1 came from the prefix
+    # the baseline of every arm of a seed is the same trained prefix
+    assert sweep.groupby("seed").acc_after_D1.nunique().eq(1).all()
+    history = pd.read_csv(out / "history.csv")
+    ok_trial = sweep[sweep.status == "ok"].trial_id.iloc[0]
+    assert history[history.trial_id == ok_trial].epoch.tolist() == list(range(1, 8))  # prefix epochs included
+    meta = json.loads((out / "study.json").read_text())
+    assert meta["factors"] == ["variant", "pipeline.sparsity"] and meta["shared_prefix"] is True
+    # A trial restored from the shared prefix ends exactly where an uninterrupted run ends.
+    row = sweep[(sweep.variant == "stable") & (sweep["pipeline.sparsity"] == 0.5) & (sweep.seed == 1)].iloc[0]
+    ref = reference_metrics(TINY, overrides, {"pipeline.sparsity": 0.5}, 1)
+    assert row.final_test_acc == ref["test_acc"] and row.final_val_acc == ref["val_acc"]
+    assert row.final_val_loss == pytest.approx(ref["val_loss"], rel=1e-6)
+
+
+def _start(args, cwd):
+    proc = subprocess.Popen([sys.executable, "-m", "dsdtune.study", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "token"})
+    lines = []
+    threading.Thread(target=lambda: [lines.append(line) for line in proc.stdout], daemon=True).start()
+    return proc, lines
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_driver_resumes_every_trial_once_with_same_results(tmp_path):
+    overrides = ["pipeline.epochs=[4, 3, 3]", "checkpoint_every_s=1", "search.space={pipeline.sparsity: {grid: [0.0, 0.5, 0.75]}}"]
+    args = [str(TINY), "--results", str(tmp_path / "results"), "--no-report"] + sum((["--set", o] for o in overrides), [])
+    proc, lines = _start(args, tmp_path)
+    try:
+        text = lambda: "".join(lines)
+        dash = _wait_for(lambda: re.search(r"Ray dashboard at (http://[\d.:]+)", text()), 120, "the dashboard line")
+        metrics_url = _wait_for(lambda: re.search(r"Prometheus metrics \S+ at (http://\S+)", text()), 30, "metrics")
+        assert dash.group(1).startswith("http://127.0.0.1:")
+        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+        assert token not in text()  # the token's location is printed, never the token
+        assert requests.get(dash.group(1) + "/api/version", timeout=10).status_code == 401
+        reply = requests.get(dash.group(1) + "/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert reply.status_code == 200 and reply.json()["ray_version"]
+        sweep_dir = tmp_path / "results" / "tiny" / "ray" / "sweep"
+        _wait_for(lambda: "dsdtune_epoch{" in requests.get(metrics_url.group(1), timeout=10).text, 90,
+                  "the dsdtune gauges on the metrics endpoint")
+        gauges = requests.get(metrics_url.group(1), timeout=10).text
+        assert 'ray_dsdtune_val_metric{' in gauges and 'study="tiny"' in gauges
+        # kill the driver (and the Ray instance it owns) once the sweep has produced results
+        _wait_for(lambda: sweep_dir.exists() and any(sweep_dir.glob("*/result.json")) and
+                  any(p.stat().st_size > 0 for p in sweep_dir.glob("*/result.json")), 240, "sweep results")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "results" / "tiny" / "trials.csv").exists()
+    again = subprocess.run([sys.executable, "-m", "dsdtune.study", *args], cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr  # never silently overwrite a run
+    resumed = subprocess.run([sys.executable, "-m", "dsdtune.study", *args, "--resume"], cwd=tmp_path,
+                             capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "results" / "tiny" / "trials.csv")
+    sweep = trials[trials.stage == "sweep"]
+    assert len(sweep) == 6 and sweep.groupby(["arm", "seed"]).size().eq(1).all()
+    assert (sweep.status == "ok").all()
+    for row in sweep.itertuples():
+        ref = reference_metrics(TINY, overrides, {"pipeline.sparsity": getattr(row, "_4")}, row.seed)
+        assert (row.final_test_acc, row.final_val_acc) == (ref["test_acc"], ref["val_acc"]), row.arm
+
+
+@pytest.mark.slow
+def test_cluster_spreads_trials_and_survives_a_lost_node(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+    ray.init(address=cluster.address)
+    try:
+        overrides = ["resources.gpu=0.5", "pipeline.epochs=[6, 6, 6]", "checkpoint_every_s=1", "max_failures=3",
+                     "search.space={pipeline.sparsity: {grid: [0.0, 0.25, 0.5, 0.75]}}"]
+        args = [str(TINY), "--results", str(tmp_path), "--no-report", "--address", cluster.address]
+        args += sum((["--set", o] for o in overrides), [])
+        sweep_dir = tmp_path / "tiny" / "ray" / "sweep"
+
+        def remove_a_worker():
+            _wait_for(lambda: sweep_dir.exists() and len(list(sweep_dir.glob("*/checkpoint_*"))) >= 2, 300,
+                      "sweep checkpoints")
+            cluster.remove_node(workers[1])
+
+        killer = threading.Thread(target=remove_a_worker, daemon=True)
+        killer.start()
+        assert main(args) == 0
+        killer.join(timeout=1)
+        trials = pd.read_csv(tmp_path / "tiny" / "trials.csv")
+        sweep = trials[trials.stage == "sweep"]
+        assert len(sweep) == 8 and (sweep.status == "ok").all()  # no trial lost, none errored
+        assert trials.node_id.nunique() == 2  # trials ran on both workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
