@@ -53,7 +53,8 @@ class PipelineSpec(_Strict):
     """A flow of phases; per-phase settings are scalars (broadcast) or lists aligned with the flow.
 
     `sparsity` and `criterion` may also be lists aligned with the sparse phases only (S and G), e.g.
-    flow DSDSD with sparsity [0.5, 0.25]. `lr` entries left as null default to `lr_decay` times the
+    flow DSDSD with sparsity [0.5, 0.25]; a scalar sparsity is multiplied by `sparsity_decay` for each
+    later sparse phase (0.5 with decay 0.5 gives the same schedule). `lr` entries left as null default to `lr_decay` times the
     previous phase's lr (the DSD paper's 1/10 per phase).
     """
 
@@ -62,6 +63,7 @@ class PipelineSpec(_Strict):
     lr: Union[float, list[Optional[float]]] = 0.1
     lr_decay: float = Field(0.1, gt=0.0, le=1.0)
     sparsity: Union[float, list[float]] = 0.5
+    sparsity_decay: float = Field(1.0, gt=0.0, le=1.0)
     criterion: Union[str, list[str]] = "layerwise_magnitude"
     schedule: Union[Literal["constant", "step", "cosine"], list[Literal["constant", "step", "cosine"]]] = "constant"
     optimizer: Union[Literal["sgd", "adam"], list[Literal["sgd", "adam"]]] = "sgd"

@@ -73,6 +73,9 @@ def expand_phases(spec: PipelineSpec) -> list[Phase]:
     epochs, schedules, optimizers = per_phase(spec.epochs), per_phase(spec.schedule), per_phase(spec.optimizer)
     momenta, nesterovs, decays = per_phase(spec.momentum), per_phase(spec.nesterov), per_phase(spec.weight_decay)
     sparsities = per_sparse_phase(spec.sparsity, 0.0)
+    if not isinstance(spec.sparsity, list) and spec.sparsity_decay != 1.0:
+        order = [sum(k in "SG" for k in flow[:i]) for i in range(n)]  # index among the sparse phases
+        sparsities = [s * spec.sparsity_decay ** order[i] for i, s in enumerate(sparsities)]
     criteria = per_sparse_phase(spec.criterion, "")
     counts: dict[str, int] = {}
     phases = []

@@ -195,12 +195,30 @@ def _can_create_in(directory: Path) -> bool:
         return False
 
 
-def check_resources(spec: StudySpec, address: Optional[str]) -> None:
+def check_gpu(spec: StudySpec, address: Optional[str]) -> None:
     if spec.resources.gpu > 0 and not address:
         import torch
         if not torch.cuda.is_available():
             raise SpecError(f"resources.gpu: {spec.resources.gpu} GPU per trial was requested but this machine has "
                             f"no GPU; use --set resources.gpu=0, or --address to run on a GPU cluster")
+
+
+def prepare_datasets(spec: StudySpec, plan: Plan) -> None:
+    """Download or generate each dataset once, here, before trials race for it (and fail offline)."""
+    from .data import DatasetUnavailable, load_dataset
+    arms = plan.arms or [Arm("base", {}, {})]
+    tasks = {json.dumps(build_run_spec(spec.base_run(), a.assign, plan.seeds[0]).task.model_dump(), sort_keys=True)
+             for a in arms}
+    for text in tasks:
+        task = json.loads(text)
+        try:
+            load_dataset(task["dataset"], device="cpu", val_fraction=task["val_fraction"],
+                         data_dir=str(Path(task["data_dir"]).expanduser().resolve()), **task["dataset_args"])
+        except DatasetUnavailable as err:
+            raise SpecError(f"task.dataset: {err}") from None
+
+
+def check_control(spec: StudySpec) -> None:
     if spec.control:
         for key in spec.control:
             if spec.search.algorithm != "optuna" and key not in (spec.search.space or {}) and key != "variant":
@@ -556,17 +574,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         spec = load_study(args.study, args.set)
         results_dir, ray_storage = check_storage(spec, Path(args.results))
         plan = make_plan(spec)
-        check_resources(spec, args.address)
+        check_control(spec)
+        if args.dry_run:
+            print(describe_plan(spec, plan))
+            return 0
+        check_gpu(spec, args.address)
         state_dir = Path(ray_storage) if "://" not in ray_storage else None
         if state_dir is not None and state_dir.exists() and any(state_dir.iterdir()) and not (args.resume or args.fresh):
             raise SpecError(f"{results_dir} already holds a run of this study: add --resume to continue it, or "
                             f"--fresh to discard its Ray state and start over")
+        prepare_datasets(spec, plan)
     except SpecError as err:
         print(f"dsdtune: {err}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(describe_plan(spec, plan))
-        return 0
     print(describe_plan(spec, plan), flush=True)
     if args.fresh and state_dir is not None and state_dir.exists():
         shutil.rmtree(state_dir)

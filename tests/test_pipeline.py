@@ -29,6 +29,8 @@ def test_phase_defaults_follow_the_paper():
     assert [p.lr for p in phases] == pytest.approx([0.1, 0.01, 0.001, 1e-4, 1e-5])
     assert [p.sparsity for p in phases] == [0, 0.5, 0, 0.25, 0]
     assert expand_phases(PipelineSpec(flow="DSD", lr=[0.1, None, 0.5]))[1].lr == pytest.approx(0.01)
+    decayed = expand_phases(PipelineSpec(flow="DSDSDSD", sparsity=0.5, sparsity_decay=0.5))
+    assert [p.sparsity for p in decayed if p.kind == "S"] == [0.5, 0.25, 0.125]
 
 
 @pytest.mark.parametrize("flow_lengths", [{"epochs": [1, 2]}, {"lr": [0.1, 0.1]}, {"sparsity": [0.5, 0.5, 0.5, 0.1]}])

@@ -89,3 +89,13 @@ def test_dry_run_plans_shared_prefixes(capsys):
     assert "6 arms x 8 seeds = 48 trials" in out
     assert "shared prefixes: 8" in out
     assert "1680 with shared prefixes, 2880 without" in out
+
+
+def test_offline_torchvision_dataset_is_one_line_before_ray(tmp_path, capsys):
+    """cifar10 absent and not downloadable (no network here, download disabled to be sure)."""
+    args = [str(TINY), "--results", str(tmp_path / "r"), "--set", "task.dataset=cifar10", "--set", "task.model=resnet20",
+            "--set", "task.dataset_args={download: false}", "--set", f"task.data_dir={tmp_path / 'data'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dsdtune: task.dataset: cifar10") and "data" in err
+    assert not (tmp_path / "r").exists()
