@@ -122,11 +122,16 @@ def load_study(study_dir: str | os.PathLike) -> Study:
         raise StudyError(f"{trials_path} has no trial_id column; not a dsdtune trials table")
 
     trials = trials.copy()
+    if "stage" in trials.columns:
+        # Prefix-stage rows are shared starting points (e.g. the dense baseline per seed), not
+        # trials of an arm: their numbers reach the report as each trial's acc_after_<phase>.
+        trials = trials[trials["stage"].astype(str) != "prefix"].reset_index(drop=True)
     if "status" not in trials.columns:
         trials["status"] = "ok"
     # Anything but ok/diverged (failed, missing, unknown) is counted as an error.
     status = trials["status"].astype(str).str.strip().str.lower()
-    trials["status"] = status.where(status.isin(["ok", "diverged"]), "error")
+    # "stopped" (ended early by ASHA in a search) is neither a failure nor a finished trial.
+    trials["status"] = status.where(status.isin(["ok", "diverged", "stopped"]), "error")
     if "stage" not in trials.columns:
         trials["stage"] = "sweep"
     trials["stage"] = trials["stage"].fillna("sweep").astype(str)

@@ -343,3 +343,32 @@ def test_cli_exit_codes(tmp_path, capsys):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_prefix_stage_rows_are_not_trials_of_an_arm(tmp_path):
+    """The study runner writes the shared-prefix trainings as stage 'prefix' rows labelled with a
+    representative arm; counting them would pair every arm with the baseline instead of the control."""
+    import json
+    import pandas as pd
+    from dsdtune.report import write_report
+    rows = []
+    for seed in range(4):
+        rows.append({"trial_id": f"p{seed}", "stage": "prefix", "arm": "pipeline.sparsity=0.0",
+                     "pipeline.sparsity": 0.0, "seed": seed, "status": "ok", "prefix_id": f"D-s{seed}",
+                     "final_test_acc": 0.60, "acc_after_D1": 0.60})
+        for sparsity, final in [(0.0, 0.70 + 0.001 * seed), (0.5, 0.69 + 0.002 * seed)]:
+            rows.append({"trial_id": f"t{seed}{sparsity}", "stage": "sweep", "arm": f"pipeline.sparsity={sparsity}",
+                         "pipeline.sparsity": sparsity, "seed": seed, "status": "ok", "prefix_id": f"D-s{seed}",
+                         "final_test_acc": final, "acc_after_D1": 0.60})
+    pd.DataFrame(rows).to_csv(tmp_path / "trials.csv", index=False)
+    (tmp_path / "study.json").write_text(json.dumps({
+        "name": "p", "metric": "val_acc", "mode": "max", "test_metric": "test_acc", "factors": ["pipeline.sparsity"],
+        "flow": "DSD", "phase_labels": ["D1", "S1", "D2"], "seeds": [0, 1, 2, 3], "search_alg": "grid",
+        "control": {"pipeline.sparsity": 0.0}, "shared_prefix": True}))
+    write_report(tmp_path, figures=False)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    control = summary[(summary.arm == "pipeline.sparsity=0.0") & (summary.metric == "final_test_acc")].iloc[0]
+    assert control.n_total == 4 and abs(control["mean"] - 0.7015) < 1e-9
+    comparison = pd.read_csv(tmp_path / "comparisons.csv")
+    row = comparison[(comparison.family == "vs_control")].iloc[0]
+    assert row["diff"] < 0  # DSD 0.693 vs fine-tune 0.7015: worse, not "better than the baseline"
