@@ -428,13 +428,18 @@ def _trial_rows(results: list, stage: str, factor_of: dict[str, dict], plan_fact
             status = "error"
         elif metrics.get("status") == "diverged":
             status = "diverged"
-        elif metrics.get("status") == "ok" or metrics.get("status") == "running" and _complete(metrics):
+        elif metrics.get("status") == "ok":
             status = "ok"
         else:
             status = "stopped"  # ended early by the scheduler (ASHA)
-        factors = factor_of.get(arm) or {p: config.get("assign", {}).get(p) for p in plan_factors}
-        row = {"trial_id": trial_id, "stage": stage, "arm": arm if "assign" not in config else
-               ", ".join(f"{k}={v}" for k, v in config["assign"].items()), **factors, "seed": seed,
+        if stage == STAGE_PREFIX:  # a shared starting point, not a trial of an arm
+            arm, factors = "prefix", {}
+        elif "assign" in config:
+            arm = ", ".join(f"{k}={v}" for k, v in config["assign"].items())
+            factors = {p: config["assign"].get(p) for p in plan_factors}
+        else:
+            factors = factor_of[arm]
+        row = {"trial_id": trial_id, "stage": stage, "arm": arm, **factors, "seed": seed,
                "status": status, "prefix_id": metrics.get("prefix_id", ""),
                "epochs_trained": metrics.get("epochs_trained", 0), "node_id": metrics.get("node_id", ""),
                "wall_time_s": round(float(metrics.get("time_total_s", 0.0)), 3)}
@@ -461,12 +466,17 @@ def _trial_rows(results: list, stage: str, factor_of: dict[str, dict], plan_fact
     return trials, histories, layers, weights
 
 
-def _complete(metrics: dict) -> bool:
-    return bool(metrics.get("done")) or metrics.get("status") == "ok"
-
-
 HISTORY_COLUMNS = ["epoch", "phase", "phase_kind", "phase_label", "lr", "sparsity", "train_loss", "val_loss",
                    "val_acc", "test_loss", "test_acc"]
+
+
+def phase_labels(spec: StudySpec, plan: Plan) -> list[str]:
+    """Phase labels of every arm's flow (variants may change it), in order of first appearance."""
+    from .pipeline import expand_phases
+    runs = [build_run_spec(spec.base_run(), a.assign, plan.seeds[0]) for a in plan.arms] or \
+        [build_run_spec(spec.base_run(), {}, plan.seeds[0])]
+    labels = [p.label for run in runs for p in expand_phases(run.pipeline)]
+    return list(dict.fromkeys(labels))
 
 
 def write_atomic_csv(frame, path: Path) -> None:
@@ -484,7 +494,6 @@ def write_atomic_text(text: str, path: Path) -> None:
 def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[str, list], factor_of: dict,
                   seeds_by_stage: dict[str, list[int]]) -> dict[str, int]:
     import pandas as pd
-    from .pipeline import expand_phases
     results_dir.mkdir(parents=True, exist_ok=True)
     prefix_histories = {}
     for result in stages.get(STAGE_PREFIX, []):
@@ -500,7 +509,7 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
         layers += l
         weights += w
     trial_frame = pd.DataFrame(trials)
-    labels = [p.label for p in expand_phases(spec.pipeline)]
+    labels = phase_labels(spec, plan)
     phase_columns = [c for label in labels for c in (f"acc_after_{label}", f"val_acc_after_{label}")
                      if c in trial_frame.columns]
     trial_frame = trial_frame[[c for c in trial_frame.columns if c not in phase_columns] + phase_columns]
@@ -514,10 +523,11 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
         write_atomic_csv(pd.DataFrame(layers), results_dir / "layers.csv")
     if weights:
         write_atomic_csv(pd.DataFrame(weights), results_dir / "weights.csv")
-    flow_phases = expand_phases(spec.pipeline)
+    flows = list(dict.fromkeys(build_run_spec(spec.base_run(), a.assign, plan.seeds[0]).pipeline.flow
+                               for a in plan.arms)) or [spec.pipeline.flow]
     meta = {"name": spec.name, "description": spec.description.strip(), "metric": spec.metric, "mode": spec.mode,
-            "test_metric": spec.test_metric, "factors": plan.factors, "flow": spec.pipeline.flow,
-            "phase_labels": [p.label for p in flow_phases], "seeds": plan.seeds,
+            "test_metric": spec.test_metric, "factors": plan.factors, "flow": ", ".join(flows),
+            "phase_labels": labels, "seeds": plan.seeds,
             "search_alg": spec.search.algorithm, "control": spec.control,
             "shared_prefix": bool(plan.prefixes), "prefix_length": plan.prefix_length,
             "epochs_with_sharing": plan.epochs_with_sharing if plan.arms else None,

@@ -91,9 +91,10 @@ def run_trial(config: dict, *, study: dict, prefix_length: int, prefixes: Option
         report = dict(metrics)
         report.update(pipe.phase_end)
         report.update(extras)
-        report["status"] = pipe.status
-        report["epochs_trained"] = pipe.global_epoch - epochs_at_start
         finished = pipe.status == "diverged" or pipe.phase_index > last_phase
+        # The trial itself says when it is done: "running" in the last row means a scheduler stopped it.
+        report["status"] = "ok" if finished and pipe.status != "diverged" else pipe.status
+        report["epochs_trained"] = pipe.global_epoch - epochs_at_start
         if finished:
             report["layer_densities_json"] = json.dumps(pipe.layer_densities or pipe.extra.get("gsm_layer_densities", {}))
             report["weight_histograms_json"] = json.dumps(pipe.histograms)
