@@ -563,7 +563,8 @@ def _subject(study: Study, arm: Arm, reference: Reference) -> str:
     if arm.key in reference.reference_keys and "fine-tune" in reference.name:
         return f"Direct fine-tuning ({arm.label})"
     flow = study.flow
-    if flow and not any("flow" in f for f in study.factors):
+    # One flow names the method ("DSD with sparsity=0.5"); several (variants) are in the arm label.
+    if flow and "," not in flow and not any("flow" in f for f in study.factors):
         return f"{flow} with {arm.label}"
     return arm.label
 
