@@ -104,7 +104,9 @@ def train_epoch(
     do_step = step or optimizer.step
     total = torch.zeros((), device=x.device)
     for idx in batch_indices(x.shape[0], batch_size, generator, x.device):
-        xb, yb = x[idx], y[idx]
+        # index_select is the same gather as x[idx] without advanced indexing's overhead (~3x
+        # cheaper for image batches on CPU).
+        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
         if augment:
             xb = augment_images(xb, generator)
         loss = F.cross_entropy(model(xb), yb)

@@ -90,3 +90,13 @@ def test_mask_state_roundtrip():
     back = Masks.from_state_dict(masks.state_dict(), w)
     assert torch.equal(back["x"], masks["x"]) and back["x"].dtype == torch.float32
     assert masks.density() == pytest.approx(15 / 25)
+
+
+def test_grads_of_unused_layers_are_skipped():
+    """A layer without a gradient this step (unused branch) must not break masking of the others."""
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    net = nn.ModuleDict({"a": a, "b": b})
+    masks = Masks({"a.weight": torch.zeros(4, 4), "b.weight": torch.zeros(4, 4)})
+    a(torch.randn(2, 4)).sum().backward()  # b gets no gradient
+    MaskApplier(net, masks).apply_to_grads()
+    assert (a.weight.grad == 0).all() and b.weight.grad is None

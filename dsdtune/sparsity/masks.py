@@ -113,7 +113,11 @@ class Masks:
 
 
 class MaskApplier:
-    """Binds masks to a model's parameters once, so each step costs one foreach call per target."""
+    """Binds masks to a model's parameters once, so each step costs one foreach call per target.
+
+    The per-step methods run once or twice per training step, so they avoid per-call Python
+    overhead (a `no_grad` decorator, scanning the list for missing gradients) on the common path.
+    """
 
     def __init__(self, model: nn.Module, masks: Masks):
         params = dict(model.named_parameters())
@@ -121,21 +125,23 @@ class MaskApplier:
         self.params = [params[n] for n in self.names]
         self.masks = [masks[n] for n in self.names]
 
-    @torch.no_grad()
     def apply_to_weights(self) -> None:
-        torch._foreach_mul_(self.params, self.masks)
+        with torch.no_grad():  # in-place on leaf parameters
+            torch._foreach_mul_(self.params, self.masks)
 
-    @torch.no_grad()
     def apply_to_grads(self) -> None:
+        # Gradients are plain tensors (no autograd history), so no no_grad is needed here.
         grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
+        try:
+            torch._foreach_mul_(grads, self.masks)
+        except TypeError:
+            # Some parameter got no gradient this step (None in the list; the call is rejected
+            # before touching any tensor): mask the ones that did.
             pairs = [(g, m) for g, m in zip(grads, self.masks) if g is not None]
-            if not pairs:
-                return
-            grads, masks = [g for g, _ in pairs], [m for _, m in pairs]
-        else:
-            masks = self.masks
-        torch._foreach_mul_(grads, masks)
+            if len(pairs) == len(grads):
+                raise
+            if pairs:
+                torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
     @torch.no_grad()
     def apply_to_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
