@@ -130,7 +130,9 @@ def make_plan(spec: StudySpec) -> Plan:
     probes = [Arm("base", {}, {})] + [Arm(f"{p}={v}", {p: v}, {p: v})
                                       for p, axis in spec.search.space.items() for v in _probe_values(axis)]
     plan = plan_for_arms(spec, probes)
-    plan.arms, plan.factors, plan.trial_prefix = [], list(spec.search.space), {}
+    # Factors: the searched fields, and what the confirm stage's control changes (e.g. sparsity).
+    control_keys = [k for k in (spec.confirm.control if spec.confirm else {}) if k not in spec.search.space]
+    plan.arms, plan.factors, plan.trial_prefix = [], list(spec.search.space) + control_keys, {}
     plan.prefixes = {}
     if plan.prefix_length:
         from .pipeline import prefix_id
@@ -376,10 +378,7 @@ def _optuna_stages(spec: StudySpec, plan: Plan, ray_storage: str, resume: bool):
     confirm_prefix, confirm = [], []
     best = best_assignment(search, spec)
     if spec.confirm and best is not None:
-        best_arm = Arm("best", best, {"confirm": "best"})
-        control_assign = dict(best)
-        control_assign.update(spec.confirm.control)
-        control_arm = Arm("control", control_assign, {"confirm": "control"})
+        best_arm, control_arm = confirm_arms(spec, best)
         seeds = list(range(spec.confirm.first_seed, spec.confirm.first_seed + spec.confirm.seeds))
         confirm_spec = spec.model_copy(update={"seeds": seeds, "search": spec.search.model_copy(
             update={"algorithm": "grid", "space": {}}), "variants": None})
@@ -389,30 +388,40 @@ def _optuna_stages(spec: StudySpec, plan: Plan, ray_storage: str, resume: bool):
     return prefix_results + confirm_prefix, search, confirm, best
 
 
+def confirm_arms(spec: StudySpec, best: dict) -> list[Arm]:
+    """The best searched config and its control (the same config with confirm.control applied)."""
+    control = dict(best)
+    control.update(spec.confirm.control if spec.confirm else {})
+    return [Arm("best", best, {}), Arm("control", control, {})]
+
+
 def best_assignment(results: list, spec: StudySpec) -> Optional[dict]:
-    """The searched config with the best mean validation metric over its seeds (completed trials first)."""
+    """The searched config with the best mean validation metric over its completed trials.
+
+    Trials a scheduler stopped early hold an earlier epoch's value: mixing them into a mean would
+    compare unlike things, so a config ranks on its completed trials, and only configs without any
+    completed trial fall back to (and rank below) their last values.
+    """
     groups: dict[str, list] = {}
-    full = max((r.metrics.get("epoch", 0) for r in results if r.metrics), default=0)
     for r in results:
-        if r.error is not None or not r.metrics or spec.metric not in r.metrics:
-            continue
-        groups.setdefault(json.dumps(r.config["assign"], sort_keys=True), []).append(r)
+        if r.error is None and r.metrics and spec.metric in r.metrics:
+            groups.setdefault(json.dumps(r.config["assign"], sort_keys=True), []).append(r.metrics)
     if not groups:
         return None
+    sign = 1 if spec.mode == "max" else -1
 
-    def score(item):
-        rs = item[1]
-        complete = all(r.metrics.get("epoch", 0) == full for r in rs)
-        value = sum(r.metrics[spec.metric] for r in rs) / len(rs)
-        return (complete, value if spec.mode == "max" else -value)
+    def score(runs: list[dict]) -> tuple[bool, float]:
+        done = [m[spec.metric] for m in runs if m.get("status") == "ok"]
+        values = done or [m[spec.metric] for m in runs]
+        return bool(done), sign * sum(values) / len(values)
 
-    return json.loads(max(groups.items(), key=score)[0])
+    return json.loads(max(groups, key=lambda k: score(groups[k])))
 
 
 # ---------------------------------------------------------------------------------------------
 # result files
 
-def _trial_rows(results: list, stage: str, factor_of: dict[str, dict], plan_factors: list[str],
+def _trial_rows(results: list, stage: str, factor_of, plan_factors: list[str],
                 prefix_histories: dict[str, list[dict]], seeds: list[int]):
     import pandas as pd
     trials, histories, layers, weights = [], [], [], []
@@ -435,10 +444,10 @@ def _trial_rows(results: list, stage: str, factor_of: dict[str, dict], plan_fact
         if stage == STAGE_PREFIX:  # a shared starting point, not a trial of an arm
             arm, factors = "prefix", {}
         elif "assign" in config:
-            arm = ", ".join(f"{k}={v}" for k, v in config["assign"].items())
-            factors = {p: config["assign"].get(p) for p in plan_factors}
+            arm = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in config["assign"].items())
+            factors = factor_of(config["assign"])
         else:
-            factors = factor_of[arm]
+            factors = factor_of(arm)
         row = {"trial_id": trial_id, "stage": stage, "arm": arm, **factors, "seed": seed,
                "status": status, "prefix_id": metrics.get("prefix_id", ""),
                "epochs_trained": metrics.get("epochs_trained", 0), "node_id": metrics.get("node_id", ""),
@@ -491,10 +500,21 @@ def write_atomic_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[str, list], factor_of: dict,
+def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[str, list], arms: list[Arm],
                   seeds_by_stage: dict[str, list[int]]) -> dict[str, int]:
     import pandas as pd
     results_dir.mkdir(parents=True, exist_ok=True)
+    by_label = {a.label: a for a in arms}
+
+    def factor_of(arm_or_assign) -> dict:
+        """Factor values as the trial's run spec holds them (an arm by label, or searched values)."""
+        arm = by_label.get(arm_or_assign) if isinstance(arm_or_assign, str) else None
+        assign = arm.assign if arm is not None else arm_or_assign
+        values = {"variant": arm.factors["variant"]} if arm is not None and "variant" in arm.factors else {}
+        tree = build_run_spec(spec.base_run(), assign, plan.seeds[0]).model_dump()
+        values.update({f: get_by_path(tree, f) for f in plan.factors if f != "variant"})
+        return values
+
     prefix_histories = {}
     for result in stages.get(STAGE_PREFIX, []):
         frame = result.metrics_dataframe
@@ -533,7 +553,7 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
             "epochs_with_sharing": plan.epochs_with_sharing if plan.arms else None,
             "epochs_without_sharing": plan.epochs_without_sharing if plan.arms else None}
     if spec.search.algorithm == "optuna" and spec.confirm:
-        meta["control"] = {"confirm": "control"}
+        meta["control"] = dict(spec.confirm.control)
         meta["confirm_seeds"] = seeds_by_stage.get(STAGE_CONFIRM)
     write_atomic_text(json.dumps(meta, indent=2, default=str) + "\n", results_dir / "study.json")
     counts: dict[str, int] = {}
@@ -605,12 +625,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ray, owned = _connect(args.address, args.dashboard_host, args.num_cpus)
     try:
         stages: dict[str, list] = {}
-        factor_of = {a.label: a.factors for a in plan.arms}
+        arms = list(plan.arms)
         seeds_by_stage = {STAGE_PREFIX: plan.seeds, STAGE_SWEEP: plan.seeds, STAGE_SEARCH: plan.seeds}
         if spec.search.algorithm == "optuna":
             prefix, search, confirm, best = _optuna_stages(spec, plan, ray_storage, args.resume)
             stages = {STAGE_PREFIX: prefix, STAGE_SEARCH: search, STAGE_CONFIRM: confirm}
-            factor_of.update({"best": {"confirm": "best"}, "control": {"confirm": "control"}})
+            if best is not None:
+                arms += confirm_arms(spec, best)
             if spec.confirm:
                 seeds_by_stage[STAGE_CONFIRM] = list(range(spec.confirm.first_seed,
                                                            spec.confirm.first_seed + spec.confirm.seeds))
@@ -619,7 +640,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             prefix, sweep = _grid_stages(spec, plan, plan.arms, ray_storage, args.resume, STAGE_SWEEP, STAGE_PREFIX)
             stages = {STAGE_PREFIX: prefix, STAGE_SWEEP: sweep}
-        counts = write_results(results_dir, spec, plan, stages, factor_of, seeds_by_stage)
+        counts = write_results(results_dir, spec, plan, stages, arms, seeds_by_stage)
     finally:
         if owned:
             ray.shutdown()

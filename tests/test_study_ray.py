@@ -148,3 +148,24 @@ def test_cluster_spreads_trials_and_survives_a_lost_node(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_optuna_search_then_best_config_beside_control(ray_local, tmp_path):
+    study = str(Path(__file__).parent / "studies" / "tiny_optuna.yaml")
+    assert main([study, "--results", str(tmp_path)]) == 0
+    out = tmp_path / "tiny_optuna"
+    trials = pd.read_csv(out / "trials.csv")
+    search, confirm = trials[trials.stage == "search"], trials[trials.stage == "confirm"]
+    assert len(search) == 8 and set(search.status) <= {"ok", "stopped"}  # 4 suggestions x 2 seeds
+    assert sorted(confirm.seed.unique()) == [1000, 1001, 1002] and (confirm.status == "ok").all()
+    best = confirm[confirm.arm == "best"]
+    control = confirm[confirm.arm == "control"]
+    assert len(best) == len(control) == 3
+    assert best["pipeline.lr.1"].nunique() == 1 and (control["pipeline.lr.1"] == best["pipeline.lr.1"].iloc[0]).all()
+    assert (best["pipeline.sparsity"] == 0.5).all() and (control["pipeline.sparsity"] == 0.0).all()
+    # the best config is the best mean validation accuracy of the search, never chosen on test
+    full = search[search.status == "ok"].groupby("pipeline.lr.1").final_val_acc.mean()
+    chosen = min(full.index, key=lambda lr: abs(lr - best["pipeline.lr.1"].iloc[0]))
+    assert full[chosen] == full.max()  # ties (40 validation samples) may pick any of the best
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    assert (comparisons[comparisons.family == "vs_control"].test == "paired_t").all()
