@@ -76,32 +76,44 @@ def _wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_killed_driver_resumes_every_trial_once_with_same_results(tmp_path):
-    overrides = ["pipeline.epochs=[4, 3, 3]", "checkpoint_every_s=1", "search.space={pipeline.sparsity: {grid: [0.0, 0.5, 0.75]}}"]
-    args = [str(TINY), "--results", str(tmp_path / "results"), "--no-report"] + sum((["--set", o] for o in overrides), [])
-    proc, lines = _start(args, tmp_path)
+def _args(tmp_path, overrides):
+    return [str(TINY), "--results", str(tmp_path / "results"), "--no-report"] + sum((["--set", o] for o in overrides), [])
+
+
+def test_dashboard_needs_the_token_and_shows_the_gauges(tmp_path):
+    # Long phases, so that the study is still running while Ray exports the gauges (every few seconds).
+    proc, lines = _start(_args(tmp_path, ["pipeline.epochs=[400, 400, 400]"]), tmp_path)
     try:
         text = lambda: "".join(lines)
         dash = _wait_for(lambda: re.search(r"Ray dashboard at (http://[\d.:]+)", text()), 120, "the dashboard line")
         metrics_url = _wait_for(lambda: re.search(r"Prometheus metrics \S+ at (http://\S+)", text()), 30, "metrics")
         assert dash.group(1).startswith("http://127.0.0.1:")
         token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-        assert token not in text()  # the token's location is printed, never the token
+        assert token not in text()  # where the token is gets printed, never the token
         assert requests.get(dash.group(1) + "/api/version", timeout=10).status_code == 401
         reply = requests.get(dash.group(1) + "/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert reply.status_code == 200 and reply.json()["ray_version"]
-        sweep_dir = tmp_path / "results" / "tiny" / "ray" / "sweep"
-        _wait_for(lambda: "dsdtune_epoch{" in requests.get(metrics_url.group(1), timeout=10).text, 90,
-                  "the dsdtune gauges on the metrics endpoint")
-        gauges = requests.get(metrics_url.group(1), timeout=10).text
-        assert 'ray_dsdtune_val_metric{' in gauges and 'study="tiny"' in gauges
-        # kill the driver (and the Ray instance it owns) once the sweep has produced results
-        _wait_for(lambda: sweep_dir.exists() and any(sweep_dir.glob("*/result.json")) and
-                  any(p.stat().st_size > 0 for p in sweep_dir.glob("*/result.json")), 240, "sweep results")
+        gauges = _wait_for(lambda: (lambda t: t if "ray_dsdtune_epoch{" in t else "")(
+            requests.get(metrics_url.group(1), timeout=10).text), 120, "the dsdtune gauges on the metrics endpoint")
+        assert 'ray_dsdtune_val_metric{' in gauges and 'study="tiny"' in gauges and "ray_dsdtune_sparsity{" in gauges
+        assert proc.poll() is None  # still running: the gauges were live, not left over
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert not (tmp_path / "results" / "tiny" / "trials.csv").exists()
+
+
+def test_killed_driver_resumes_every_trial_once_with_same_results(tmp_path):
+    overrides = ["pipeline.epochs=[4, 30, 30]", "checkpoint_every_s=0.2",
+                 "search.space={pipeline.sparsity: {grid: [0.0, 0.5, 0.75]}}"]
+    args = _args(tmp_path, overrides)
+    proc, lines = _start(args, tmp_path)
+    sweep_dir = tmp_path / "results" / "tiny" / "ray" / "sweep"
+    try:  # kill the driver (and the Ray instance it owns) as soon as the sweep has produced results
+        _wait_for(lambda: any(p.stat().st_size > 0 for p in sweep_dir.glob("*/result.json")), 300, "sweep results")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "results" / "tiny" / "trials.csv").exists(), "the study ended before the kill"
     again = subprocess.run([sys.executable, "-m", "dsdtune.study", *args], cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr  # never silently overwrite a run
     resumed = subprocess.run([sys.executable, "-m", "dsdtune.study", *args, "--resume"], cwd=tmp_path,
@@ -111,8 +123,8 @@ def test_killed_driver_resumes_every_trial_once_with_same_results(tmp_path):
     sweep = trials[trials.stage == "sweep"]
     assert len(sweep) == 6 and sweep.groupby(["arm", "seed"]).size().eq(1).all()
     assert (sweep.status == "ok").all()
-    for row in sweep.itertuples():
-        ref = reference_metrics(TINY, overrides, {"pipeline.sparsity": getattr(row, "_4")}, row.seed)
+    for _, row in sweep.iterrows():
+        ref = reference_metrics(TINY, overrides, {"pipeline.sparsity": row["pipeline.sparsity"]}, row["seed"])
         assert (row.final_test_acc, row.final_val_acc) == (ref["test_acc"], ref["val_acc"]), row.arm
 
 
