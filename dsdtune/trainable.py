@@ -111,9 +111,11 @@ def run_trial(config: dict, *, study: dict, prefix_length: int, prefixes: Option
         due = time.monotonic() - last_checkpoint >= study["checkpoint_every_s"]
         if (at_boundary or due or finished) and pipe.status != "diverged":
             directory = tempfile.mkdtemp(prefix="dsdtune-ckpt-")  # fresh for every checkpoint
-            torch.save(pipe.state_dict(), os.path.join(directory, STATE_FILE))
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
-            shutil.rmtree(directory, ignore_errors=True)  # report() has persisted it to the storage
+            try:
+                torch.save(pipe.state_dict(), os.path.join(directory, STATE_FILE))
+                tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
+            finally:  # report() has persisted it, or a scheduler stopped the trial inside report()
+                shutil.rmtree(directory, ignore_errors=True)
             last_checkpoint = time.monotonic()
         else:
             tune.report(report)
