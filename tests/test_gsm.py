@@ -15,6 +15,7 @@ from dsdtune.pipeline import Pipeline, expand_phases, run_pipeline
 from dsdtune.sparsity.gsm import GlobalSparseMomentum
 from dsdtune.sparsity.masks import kept_count, prunable_weights
 from dsdtune.training import evaluate, make_optimizer, set_hyperparameters, set_lr
+from interrupted import run_interrupted
 
 TASK = {"dataset": "synthetic", "dataset_args": {"num_train": 320, "num_test": 100, "input_shape": [12],
                                                  "num_classes": 4},
@@ -275,10 +276,6 @@ def test_parameter_budget_gives_exactly_that_many_nonzeros():
     assert sum(d * weights[n].numel() for n, d in result.extra["gsm_layer_densities"].items()) == pytest.approx(37)
 
 
-class Stop(Exception):
-    pass
-
-
 @pytest.fixture(scope="module")
 def full_dgd():
     return run_pipeline(spec())
@@ -287,18 +284,7 @@ def full_dgd():
 @pytest.mark.parametrize("stop_epoch", [2, 3, 4])  # mid-G (twice) and at the G -> D boundary
 def test_restore_mid_g_phase_is_bit_identical(tmp_path, stop_epoch, full_dgd):
     full = full_dgd
-    pipe = Pipeline(spec())
-
-    def stop(metrics, p):
-        if metrics["epoch"] == stop_epoch:
-            p.save(tmp_path / "state.pt")
-            raise Stop
-
-    with pytest.raises(Stop):
-        pipe.run(on_epoch=stop)
-    resumed = Pipeline(spec())
-    resumed.restore(tmp_path / "state.pt")
-    result = resumed.run()
+    result = run_interrupted(spec(), stop_epoch, tmp_path / "state.pt")
     for (name, a), b in zip(full.model.state_dict().items(), result.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert result.history == full.history

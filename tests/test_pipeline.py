@@ -11,6 +11,7 @@ from dsdtune.pipeline import Pipeline, expand_phases, run_pipeline
 from dsdtune.config import PipelineSpec
 from dsdtune.sparsity.masks import kept_count
 from dsdtune.training import set_lr
+from interrupted import run_interrupted
 
 TASK = {"dataset": "synthetic", "dataset_args": {"num_train": 320, "num_test": 100, "input_shape": [12],
                                                  "num_classes": 4},
@@ -106,25 +107,10 @@ def test_redense_restarts_pruned_weights_from_zero():
         assert expected.abs().sum() > 0
 
 
-class Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("stop_epoch", [3, 4])  # mid-S and at the S -> D boundary
 def test_restore_mid_run_is_bit_identical(tmp_path, stop_epoch):
     full = run_pipeline(spec())
-    pipe = Pipeline(spec())
-
-    def stop(metrics, p):
-        if metrics["epoch"] == stop_epoch:
-            p.save(tmp_path / "state.pt")
-            raise Stop
-
-    with pytest.raises(Stop):
-        pipe.run(on_epoch=stop)
-    resumed = Pipeline(spec())
-    resumed.restore(tmp_path / "state.pt")
-    result = resumed.run()
+    result = run_interrupted(spec(), stop_epoch, tmp_path / "state.pt")
     for (name, a), b in zip(full.model.state_dict().items(), result.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert result.history == full.history
