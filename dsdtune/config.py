@@ -247,7 +247,7 @@ def _as_list(value) -> list:
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     """One line naming the first offending field and what is allowed."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or True)
+    loc = ".".join(str(p) for p in first["loc"])
     # pydantic lists union members in the location (e.g. 'epochs.int'); keep the user's path only.
     loc = re.sub(r"\.(int|float|str|bool|list\[[^\]]*\]|literal\[[^\]]*\]|function-after\[[^\]]*\])", "", loc)
     msg = first["msg"]

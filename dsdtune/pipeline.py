@@ -158,8 +158,7 @@ class Pipeline:
             if self.init_masks is not None:
                 self.layer_densities = self.init_masks.layer_densities()
 
-        self.masks: Optional[Masks] = None
-        self.applier: Optional[MaskApplier] = None
+        self._bind_masks(None)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.optimizer_phase = -1  # the phase whose settings the optimizer carries
         self.gsm = None
@@ -204,7 +203,7 @@ class Pipeline:
         if self.masks is not None and phase.kind != "S":
             # Re-dense: pruned weights are already exactly 0; their momentum must restart from 0 too.
             self.applier.apply_to_optimizer_state(self.optimizer)
-            self.masks, self.applier = None, None
+            self._bind_masks(None)
         if phase.kind == "S":
             if phase.index == 0 and self.init_masks is not None:
                 masks = self.init_masks  # static sparse training from a sparse init
@@ -218,9 +217,14 @@ class Pipeline:
                                             budget=self.spec.pipeline.gsm_budget)
         self.phase_started = True
 
-    def _set_masks(self, masks: Masks) -> None:
+    def _bind_masks(self, masks: Optional[Masks]) -> None:
         self.masks = masks
-        self.applier = MaskApplier(self.model, masks)
+        self.applier = MaskApplier(self.model, masks) if masks is not None else None
+        # sparsity 0 (the fine-tune control) keeps everything: masking every step would only cost time.
+        self.masks_full = masks is not None and all(bool(m.all()) for m in masks.tensors.values())
+
+    def _set_masks(self, masks: Masks) -> None:
+        self._bind_masks(masks)
         self.applier.apply_to_weights()
         if self.optimizer is not None:
             self.applier.apply_to_optimizer_state(self.optimizer)
@@ -257,7 +261,7 @@ class Pipeline:
         hooks: dict[str, Any] = {}
         if self.gsm is not None:
             hooks["step"] = self.gsm.step
-        elif self.applier is not None and not self._mask_is_full():
+        elif self.applier is not None and not self.masks_full:
             hooks["before_step"] = self.applier.apply_to_grads
             hooks["after_step"] = self.applier.apply_to_weights
         train_loss = train_epoch(self.model, self.data.train_x, self.data.train_y, self.optimizer,
@@ -278,12 +282,6 @@ class Pipeline:
         metrics["sparsity"] = self.measured_sparsity()
         return metrics
 
-    def _mask_is_full(self) -> bool:
-        # sparsity 0 (the fine-tune control) keeps everything: masking would only cost time.
-        if not hasattr(self, "_full_cache") or self._full_cache[0] is not self.masks:
-            self._full_cache = (self.masks, all(bool(m.all()) for m in self.masks.tensors.values()))
-        return self._full_cache[1]
-
     # ---- the run ---------------------------------------------------------------------------
     def run(self, on_epoch: Optional[EpochCallback] = None, stop_after_phase: Optional[int] = None) -> PipelineResult:
         """Run (or continue) the flow; `stop_after_phase` ends after that phase index (a prefix)."""
@@ -297,18 +295,9 @@ class Pipeline:
                 metrics = {"epoch": self.global_epoch, "phase": phase.index, "phase_kind": phase.kind,
                            "phase_label": phase.label, "lr": 0.0, "train_loss": math.nan, **self._evaluate(),
                            "sparsity": self.measured_sparsity()}
-                self._finish_phase(phase, metrics)
-                self.history.append(metrics)
-                if on_epoch is not None:
-                    on_epoch(metrics, self)
-                continue
-            metrics = self._train_one_epoch(phase)
-            if self.status == "diverged":
-                self.history.append(metrics)
-                if on_epoch is not None:
-                    on_epoch(metrics, self)
-                break
-            if self.epoch_in_phase == phase.epochs:
+            else:
+                metrics = self._train_one_epoch(phase)
+            if self.status != "diverged" and self.epoch_in_phase == phase.epochs:
                 self._finish_phase(phase, metrics)
             self.history.append(metrics)
             if on_epoch is not None:
@@ -367,10 +356,8 @@ class Pipeline:
         if state["optimizer"] is not None:
             self.optimizer = self._build_optimizer(self.phases[self.optimizer_phase])
             self.optimizer.load_state_dict(state["optimizer"])  # restores the group settings too
-        self.masks, self.applier = None, None
-        if state["masks"] is not None:
-            self.masks = Masks.from_state_dict(state["masks"], dict(self.model.named_parameters()))
-            self.applier = MaskApplier(self.model, self.masks)
+        self._bind_masks(None if state["masks"] is None else
+                         Masks.from_state_dict(state["masks"], dict(self.model.named_parameters())))
         self.generator = torch.Generator()
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])

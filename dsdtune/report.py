@@ -1255,7 +1255,7 @@ def render_markdown(an: Analysis, figures: dict[str, Path], out_dir: Path) -> st
     if not an.arms:
         lines += ["No trials to summarize yet.", ""]
     else:
-        lines += [f"Per arm; mean, SD (standard deviation over seeds), SEM (standard error of the mean) and "
+        lines += ["Per arm; mean, SD (standard deviation over seeds), SEM (standard error of the mean) and "
                   "the 95% t-interval of the mean use the n used (ok trials with a value).", "",
                   _summary_table(an, an.arms, info.name), ""]
         pt = _phase_table(an)

@@ -423,7 +423,6 @@ def best_assignment(results: list, spec: StudySpec) -> Optional[dict]:
 
 def _trial_rows(results: list, stage: str, factor_of, plan_factors: list[str],
                 prefix_histories: dict[str, list[dict]], seeds: list[int]):
-    import pandas as pd
     trials, histories, layers, weights = [], [], [], []
     for result in results:
         config, metrics = result.config, result.metrics or {}

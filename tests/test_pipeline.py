@@ -1,5 +1,4 @@
 """DSD exactness, checkpoint/restore and determinism of the phase pipeline (no Ray)."""
-import copy
 import math
 
 import pytest
