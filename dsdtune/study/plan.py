@@ -1,0 +1,188 @@
+"""The plan of a study, without Ray: its arms, seeds, shared prefixes and epoch counts.
+
+An arm is one combination of the study's factors (grid/choice values, variants, pre-sampled random
+values); every arm's run spec is built and checked here. The shared prefix is the run of leading
+phases that all arms have in common: it is trained once per seed, and it pairs the arms of a seed.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import SpecError, StudySpec, build_run_spec
+
+
+@dataclass
+class Arm:
+    label: str
+    assign: dict[str, Any]  # dotted path -> value, applied to the study's base spec
+    factors: dict[str, Any]  # factor name (dotted path or "variant") -> value
+
+
+@dataclass
+class Plan:
+    arms: list[Arm]
+    seeds: list[int]
+    prefix_length: int
+    prefixes: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (arm label, seed)
+    trial_prefix: dict[tuple[str, int], str] = field(default_factory=dict)
+    epochs_per_trial: dict[str, int] = field(default_factory=dict)  # arm label -> epochs
+    prefix_epochs: int = 0
+    factors: list[str] = field(default_factory=list)
+
+    @property
+    def epochs_without_sharing(self) -> int:
+        return sum(self.epochs_per_trial[a.label] for a in self.arms) * len(self.seeds)
+
+    @property
+    def epochs_with_sharing(self) -> int:
+        shared = sum(1 for key in self.trial_prefix.values() if key in self.prefixes)
+        return self.epochs_without_sharing - shared * self.prefix_epochs + len(self.prefixes) * self.prefix_epochs
+
+
+def _label(factors: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in factors.items()) or "base"
+
+
+def _grid_arms(spec: StudySpec) -> list[Arm]:
+    """Variants x grid axes (grid and choice) x pre-sampled random axes."""
+    space = spec.search.space
+    if spec.search.algorithm == "grid":
+        for path, axis in space.items():
+            if axis.kind not in ("grid", "choice"):
+                raise SpecError(f"search.space.{path}: {axis.kind} needs search.algorithm random or optuna; "
+                                f"grid search takes grid or choice")
+    grid_paths = [p for p, a in space.items() if a.kind in ("grid", "choice")]
+    grid_values = [space[p].grid if space[p].grid is not None else space[p].choice for p in grid_paths]
+    sampled_paths = [p for p, a in space.items() if a.kind not in ("grid", "choice")]
+    samples: list[dict[str, Any]] = [{}]
+    if spec.search.algorithm == "random" and sampled_paths:
+        import numpy as np  # pre-sampled so that every seed of an arm sees the same values
+        rng = np.random.default_rng(spec.search.seed)
+        samples = [{p: _sample(space[p], rng) for p in sampled_paths} for _ in range(spec.search.num_samples)]
+    variants = list((spec.variants or {"": {}}).items())
+    arms = []
+    for (vname, vassign), combo, sample in itertools.product(variants, itertools.product(*grid_values), samples):
+        factors: dict[str, Any] = {"variant": vname} if vname else {}
+        factors.update(zip(grid_paths, combo))
+        factors.update(sample)
+        assign = dict(vassign)
+        assign.update({k: v for k, v in factors.items() if k != "variant"})
+        arms.append(Arm(_label(factors), assign, factors))
+    if not arms:
+        raise SpecError("search.space: the study has no arms; give at least one grid value or variant")
+    return arms
+
+
+def _sample(axis, rng) -> Any:
+    low, high = getattr(axis, axis.kind)
+    if axis.kind == "uniform":
+        return float(rng.uniform(low, high))
+    if axis.kind == "loguniform":
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    return int(rng.integers(low, high + 1))
+
+
+def _probe_values(axis) -> list[Any]:
+    if axis.kind in ("grid", "choice"):
+        return list(axis.grid if axis.grid is not None else axis.choice)
+    low, high = getattr(axis, axis.kind)
+    return [low, high]
+
+
+def _check_trial(spec: StudySpec, assign: dict[str, Any], seed: int, where: str):
+    from ..pipeline import check_names  # imports torch: only after the cheap checks passed
+    try:
+        run = build_run_spec(spec.base_run(), assign, seed)
+        check_names(run)
+    except SpecError as err:
+        raise SpecError(f"{err}{where}") from None
+    return run
+
+
+def make_plan(spec: StudySpec) -> Plan:
+    """Arms, seeds, shared prefixes and epoch counts; validates every arm's run spec."""
+    for path in list(spec.search.space) + [p for v in (spec.variants or {}).values() for p in v]:
+        if path.split(".")[0] not in ("task", "init", "pipeline"):
+            raise SpecError(f"search.space.{path}: searched fields live under task., init. or pipeline.")
+    if spec.search.algorithm != "optuna":
+        return plan_for_arms(spec, _grid_arms(spec))
+    if not spec.search.space:
+        raise SpecError("search.space: optuna needs at least one searched field")
+    # Optuna's arms are unknown in advance: probe every axis at its ends to find the shared prefix.
+    probes = [Arm("base", {}, {})] + [Arm(f"{p}={v}", {p: v}, {p: v})
+                                      for p, axis in spec.search.space.items() for v in _probe_values(axis)]
+    plan = plan_for_arms(spec, probes)
+    # Factors: the searched fields, and what the confirm stage's control changes (e.g. sparsity).
+    control_keys = [k for k in (spec.confirm.control if spec.confirm else {}) if k not in spec.search.space]
+    plan.arms, plan.factors, plan.trial_prefix = [], list(spec.search.space) + control_keys, {}
+    plan.prefixes = {}
+    if plan.prefix_length:
+        from ..pipeline import prefix_id
+        for seed in plan.seeds:
+            plan.prefixes[prefix_id(build_run_spec(spec.base_run(), {}, seed), plan.prefix_length)] = ("base", seed)
+    return plan
+
+
+def plan_for_arms(spec: StudySpec, arms: list[Arm]) -> Plan:
+    """The plan for fixed arms x the study's seeds; the prefix is the leading phases all arms share."""
+    from ..pipeline import expand_phases, prefix_id
+    seeds = spec.seed_list
+    runs = {a.label: _check_trial(spec, a.assign, seeds[0], f" (arm {a.label})" if a.factors else "") for a in arms}
+    phase_lists = {label: expand_phases(run.pipeline) for label, run in runs.items()}
+    reference = next(iter(phase_lists.values()))
+    # Task/init/seed are part of a prefix's id; at least one phase is left for each trial on its own.
+    length = min(len(p) for p in phase_lists.values()) - 1 if spec.share_prefixes else 0
+    while length > 0 and any(p[:length] != reference[:length] for p in phase_lists.values()):
+        length -= 1
+    plan = Plan(arms, seeds, length, factors=list(arms[0].factors))
+    plan.epochs_per_trial = {label: sum(p.epochs for p in plist) for label, plist in phase_lists.items()}
+    plan.prefix_epochs = sum(p.epochs for p in reference[:length])
+    if length:
+        users: dict[str, list[tuple[str, int]]] = {}
+        for arm in arms:
+            for seed in seeds:
+                pid = prefix_id(build_run_spec(spec.base_run(), arm.assign, seed), length)
+                plan.trial_prefix[(arm.label, seed)] = pid
+                users.setdefault(pid, []).append((arm.label, seed))
+        plan.prefixes = {pid: trials[0] for pid, trials in users.items() if len(trials) > 1}
+    return plan
+
+
+def describe_plan(spec: StudySpec, plan: Plan) -> str:
+    lines = [f"study {spec.name}: {spec.description.strip()}" if spec.description else f"study {spec.name}",
+             f"flow {spec.pipeline.flow}, search {spec.search.algorithm}, seeds {plan.seeds}"]
+    if spec.search.algorithm == "optuna":
+        lines.append(f"optuna: {spec.search.num_samples} samples x {len(plan.seeds)} seeds over "
+                     f"{', '.join(spec.search.space)}; scheduler {spec.scheduler.kind}")
+        if spec.confirm:
+            lines.append(f"confirm: best config and control on {spec.confirm.seeds} fresh seeds")
+    else:
+        lines.append(f"{len(plan.arms)} arms x {len(plan.seeds)} seeds = {len(plan.arms) * len(plan.seeds)} trials")
+        for arm in plan.arms:
+            lines.append(f"  arm {arm.label}: {plan.epochs_per_trial[arm.label]} epochs per trial")
+    if plan.prefixes:
+        lines.append(f"shared prefixes: {len(plan.prefixes)} (first {plan.prefix_length} phase(s), "
+                     f"{plan.prefix_epochs} epochs each), trained once in stage 'prefix'")
+    if spec.search.algorithm != "optuna":
+        lines.append(f"epochs: {plan.epochs_with_sharing} with shared prefixes, "
+                     f"{plan.epochs_without_sharing} without")
+    return "\n".join(lines)
+
+
+def confirm_arms(spec: StudySpec, best: dict) -> list[Arm]:
+    """The best searched config and its control (the same config with confirm.control applied)."""
+    control = dict(best)
+    control.update(spec.confirm.control if spec.confirm else {})
+    return [Arm("best", best, {}), Arm("control", control, {})]
+
+
+def phase_labels(spec: StudySpec, plan: Plan) -> list[str]:
+    """Phase labels of every arm's flow (variants may change it), in order of first appearance."""
+    from ..pipeline import expand_phases
+    runs = [build_run_spec(spec.base_run(), a.assign, plan.seeds[0]) for a in plan.arms] or \
+        [build_run_spec(spec.base_run(), {}, plan.seeds[0])]
+    labels = [p.label for run in runs for p in expand_phases(run.pipeline)]
+    return list(dict.fromkeys(labels))
