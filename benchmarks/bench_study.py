@@ -1,9 +1,11 @@
-"""Study runner overhead: a sweep through Ray vs the same pipelines run one after another in-process.
+"""Study runner overhead: a sweep through Ray vs the same pipelines run in-process.
 
-Both sides do the same work (each shared prefix trained once, then every arm x seed restored from
+Every side does the same work (each shared prefix trained once, then every arm x seed restored from
 its prefix), so the difference is what Ray costs: start-up, actors, reports, checkpoints. Ray runs
 with one CPU so that both sides are serial (the per-trial overhead is then a plain difference), and
-again with all CPUs to show what parallel trials buy. Last line: JSON.
+again with all CPUs. The machine's limit is the same work in as many plain processes as CPUs (one
+thread each, the seeds dealt out among them, nothing else running): `ray_over_parallel_limit` is
+the study's wall time through Ray with all CPUs over that. Last line: JSON.
 
     python benchmarks/bench_study.py            # sparsity_sweep with 2 seeds and short phases
     python benchmarks/bench_study.py --seeds 8 --epochs 30 15 15
@@ -14,11 +16,13 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import torch
@@ -32,22 +36,25 @@ def overrides(args) -> list[str]:
     return [f"seeds={args.seeds}", f"pipeline.epochs=[{', '.join(map(str, args.epochs))}]"]
 
 
-def run_in_process(study: str, sets: list[str]) -> tuple[float, int]:
-    """Prefixes once, then every trial from its prefix; returns (seconds, epochs trained)."""
+def run_in_process(study: str, sets: list[str], seeds: Optional[list[int]] = None) -> tuple[float, int]:
+    """Prefixes once, then every trial from its prefix (of `seeds`, default all); (seconds, epochs trained)."""
     spec = load_study(study, sets)
     plan = make_plan(spec)
+    seeds = plan.seeds if seeds is None else seeds
     torch.set_num_threads(1)  # as a Ray trial with cpu: 1
     started = time.perf_counter()
     epochs = 0
     states = {}
     for pid, (label, seed) in plan.prefixes.items():
+        if seed not in seeds:
+            continue
         arm = next(a for a in plan.arms if a.label == label)
         pipe = Pipeline(build_run_spec(spec.base_run(), arm.assign, seed))
         pipe.run(stop_after_phase=plan.prefix_length - 1)
         states[pid] = pipe.state_dict()
         epochs += pipe.global_epoch
     for arm in plan.arms:
-        for seed in plan.seeds:
+        for seed in seeds:
             pipe = Pipeline(build_run_spec(spec.base_run(), arm.assign, seed))
             state = states.get(plan.trial_prefix.get((arm.label, seed)))
             if state is not None:
@@ -56,6 +63,22 @@ def run_in_process(study: str, sets: list[str]) -> tuple[float, int]:
             pipe.run()
             epochs += pipe.global_epoch - before
     return time.perf_counter() - started, epochs
+
+
+def _worker(args: tuple) -> tuple[float, int]:
+    return run_in_process(*args)
+
+
+def run_parallel_limit(study: str, sets: list[str], processes: int) -> tuple[float, int]:
+    """The same work in `processes` plain processes, seeds dealt round-robin: (wall seconds, epochs)."""
+    seeds = make_plan(load_study(study, sets)).seeds
+    shares = [seeds[i::processes] for i in range(processes)]
+    context = multiprocessing.get_context("spawn")  # fresh interpreters, as Ray's workers are
+    with context.Pool(processes) as pool:
+        pool.map(_worker, [(study, sets, []) for _ in range(processes)])  # start-up and imports, not timed
+        started = time.perf_counter()
+        done = pool.map(_worker, [(study, sets, share) for share in shares])
+        return time.perf_counter() - started, sum(epochs for _, epochs in done)
 
 
 def run_through_ray(study: str, sets: list[str], num_cpus: int) -> tuple[float, int, int]:
@@ -89,11 +112,13 @@ def main() -> None:
     ray1_s, ray1_epochs, trials = run_through_ray(args.study, sets, 1)
     cpus = os.cpu_count() or 1
     rayn_s, _, _ = run_through_ray(args.study, sets, cpus)
+    limit_s, limit_epochs = run_parallel_limit(args.study, sets, cpus)
 
     rows = [
         ("in-process, serial (reference)", local_s, local_epochs),
         ("Ray, 1 CPU (serial trials)", ray1_s, ray1_epochs),
         (f"Ray, {cpus} CPUs", rayn_s, ray1_epochs),
+        (f"{cpus} plain processes (the limit)", limit_s, limit_epochs),
     ]
     print(f"study {args.study}: {len(plan.arms)} arms x {args.seeds} seeds = {trials} trials, "
           f"{len(plan.prefixes)} shared prefixes, epochs {args.epochs}")
@@ -109,6 +134,7 @@ def main() -> None:
         f"ray_{cpus}cpu_over_in_process": round(rayn_s / local_s, 3),
         "ray_overhead_per_trial_s": round(overhead, 3),
         "epochs_shared_over_unshared": round(plan.epochs_with_sharing / plan.epochs_without_sharing, 3),
+        "ray_over_parallel_limit": round(rayn_s / limit_s, 3),
     }))
 
 

@@ -7,12 +7,16 @@ allowed; the command-line entry points print it and exit with code 2.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator,
+)
 
 PHASE_KINDS = "DSG"
 
@@ -22,7 +26,8 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # Counts are ints (a boolean is not a count), numbers are finite, flags are booleans.
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 class TaskSpec(_Strict):
@@ -30,10 +35,10 @@ class TaskSpec(_Strict):
     dataset_args: dict[str, Any] = Field(default_factory=dict)
     model: str = "mlp"
     model_args: dict[str, Any] = Field(default_factory=dict)
-    batch_size: int = Field(128, gt=0)
-    eval_batch_size: int = Field(2048, gt=0)
-    augment: bool = False
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    batch_size: StrictInt = Field(128, gt=0)
+    eval_batch_size: StrictInt = Field(2048, gt=0)
+    augment: StrictBool = False
+    val_fraction: StrictFloat = Field(0.1, gt=0.0, lt=0.5)
     data_dir: str = "data"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -41,11 +46,11 @@ class TaskSpec(_Strict):
 class InitSpec(_Strict):
     density: Literal["dense", "uniform", "erk", "snip", "grasp", "synflow"] = "dense"
     weights: Literal["base", "eoi", "ai"] = "base"
-    init_density: float = Field(0.1, gt=0.0, le=1.0)
+    init_density: StrictFloat = Field(0.1, gt=0.0, le=1.0)
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-Scalar = Union[float, int]
+Scalar = Union[StrictFloat, StrictInt]
 PerPhase = Union[Any, list]
 
 
@@ -59,22 +64,22 @@ class PipelineSpec(_Strict):
     """
 
     flow: str = "DSD"
-    epochs: Union[int, list[int]] = 10
-    lr: Union[float, list[Optional[float]]] = 0.1
-    lr_decay: float = Field(0.1, gt=0.0, le=1.0)
-    sparsity: Union[float, list[float]] = 0.5
-    sparsity_decay: float = Field(1.0, gt=0.0, le=1.0)
+    epochs: Union[StrictInt, list[StrictInt]] = 10
+    lr: Union[StrictFloat, list[Optional[StrictFloat]]] = 0.1
+    lr_decay: StrictFloat = Field(0.1, gt=0.0, le=1.0)
+    sparsity: Union[StrictFloat, list[StrictFloat]] = 0.5
+    sparsity_decay: StrictFloat = Field(1.0, gt=0.0, le=1.0)
     criterion: Union[str, list[str]] = "layerwise_magnitude"
     schedule: Union[Literal["constant", "step", "cosine"], list[Literal["constant", "step", "cosine"]]] = "constant"
     optimizer: Union[Literal["sgd", "adam"], list[Literal["sgd", "adam"]]] = "sgd"
-    momentum: Union[float, list[float]] = 0.9
-    nesterov: Union[bool, list[bool]] = False
-    weight_decay: Union[float, list[float]] = 5e-4
-    gsm_momentum: float = Field(0.98, ge=0.0, lt=1.0)
-    gsm_budget: Optional[int] = Field(None, gt=0)
-    exclude_first: bool = True
+    momentum: Union[StrictFloat, list[StrictFloat]] = 0.9
+    nesterov: Union[StrictBool, list[StrictBool]] = False
+    weight_decay: Union[StrictFloat, list[StrictFloat]] = 5e-4
+    gsm_momentum: StrictFloat = Field(0.98, ge=0.0, lt=1.0)
+    gsm_budget: Optional[StrictInt] = Field(None, gt=0)
+    exclude_first: StrictBool = True
     exclude: list[str] = Field(default_factory=list)
-    weight_histograms: bool = False
+    weight_histograms: StrictBool = False
 
     @field_validator("flow")
     @classmethod
@@ -102,6 +107,12 @@ class PipelineSpec(_Strict):
         for e in _as_list(self.epochs):
             if int(e) < 0:
                 raise ValueError(f"epochs: {e} is negative")
+        if all(int(e) == 0 for e in (self.epochs if isinstance(self.epochs, list) else [self.epochs] * n)):
+            raise ValueError(f"epochs: every phase of flow {self.flow!r} has 0 epochs; give at least one phase "
+                             f"epochs > 0")
+        for wd in _as_list(self.weight_decay):
+            if wd < 0:
+                raise ValueError(f"weight_decay: {wd} must be >= 0")
         lrs = _as_list(self.lr)
         if lrs[0] is None:
             raise ValueError("lr: the first phase's lr must be given")
@@ -120,7 +131,7 @@ class RunSpec(_Strict):
     task: TaskSpec = Field(default_factory=TaskSpec)
     init: InitSpec = Field(default_factory=InitSpec)
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
-    seed: int = 0
+    seed: StrictInt = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,9 +142,9 @@ class SearchAxis(_Strict):
 
     grid: Optional[list[Any]] = None
     choice: Optional[list[Any]] = None
-    uniform: Optional[tuple[float, float]] = None
-    loguniform: Optional[tuple[float, float]] = None
-    int: Optional[tuple[int, int]] = None
+    uniform: Optional[tuple[StrictFloat, StrictFloat]] = None
+    loguniform: Optional[tuple[StrictFloat, StrictFloat]] = None
+    int: Optional[tuple[StrictInt, StrictInt]] = None
 
     @model_validator(mode="after")
     def _one(self) -> "SearchAxis":
@@ -157,27 +168,27 @@ class SearchAxis(_Strict):
 
 class SearchSpec(_Strict):
     algorithm: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = Field(1, gt=0)
-    seed: int = 0
+    num_samples: StrictInt = Field(1, gt=0)
+    seed: StrictInt = 0
     space: dict[str, SearchAxis] = Field(default_factory=dict)
 
 
 class SchedulerSpec(_Strict):
     kind: Literal["none", "asha"] = "none"
-    grace_period: int = Field(2, gt=0)
-    reduction_factor: float = Field(3.0, gt=1.0)
+    grace_period: StrictInt = Field(2, gt=0)
+    reduction_factor: StrictFloat = Field(3.0, gt=1.0)
 
 
 class ResourcesSpec(_Strict):
-    cpu: float = Field(1.0, gt=0.0)
-    gpu: float = Field(0.0, ge=0.0)
+    cpu: StrictFloat = Field(1.0, gt=0.0)
+    gpu: StrictFloat = Field(0.0, ge=0.0)
 
 
 class ConfirmSpec(_Strict):
     """After an Optuna/random search: re-run the best config on fresh seeds beside a control."""
 
-    seeds: int = Field(8, gt=0)
-    first_seed: int = 1000
+    seeds: StrictInt = Field(8, gt=0)
+    first_seed: StrictInt = 1000
     control: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -188,7 +199,7 @@ class StudySpec(_Strict):
     init: InitSpec = Field(default_factory=InitSpec)
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
-    seeds: Union[int, list[int]] = 3
+    seeds: Union[StrictInt, list[StrictInt]] = 3
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"
     test_metric: str = "test_acc"
@@ -197,10 +208,10 @@ class StudySpec(_Strict):
     confirm: Optional[ConfirmSpec] = None
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    max_concurrent: int = Field(0, ge=0)
-    max_failures: int = Field(2, ge=0)
-    checkpoint_every_s: float = Field(60.0, gt=0.0)
-    share_prefixes: bool = True
+    max_concurrent: StrictInt = Field(0, ge=0)
+    max_failures: StrictInt = Field(2, ge=0)
+    checkpoint_every_s: StrictFloat = Field(60.0, gt=0.0)
+    share_prefixes: StrictBool = True
     storage: Optional[str] = None
 
     @field_validator("name")
@@ -233,8 +244,14 @@ class StudySpec(_Strict):
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
     def base_run(self) -> dict[str, Any]:
-        """The run spec (task/init/pipeline) before search values are filled in."""
-        return {"task": self.task.model_dump(), "init": self.init.model_dump(), "pipeline": self.pipeline.model_dump()}
+        """The run spec (task/init/pipeline) before search values are filled in.
+
+        `task.data_dir` is made absolute here: Ray runs each trial in a directory of its own, and a
+        relative path would regenerate the data per trial (and name a different prefix).
+        """
+        task = self.task.model_dump()
+        task["data_dir"] = str(Path(task["data_dir"]).expanduser().resolve())
+        return {"task": task, "init": self.init.model_dump(), "pipeline": self.pipeline.model_dump()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +365,34 @@ def load_study(source: Union[str, Path], overrides: list[str] = (), studies_dir:
         return StudySpec.model_validate(raw)
     except ValidationError as err:
         raise SpecError(format_validation_error(err)) from None
+
+
+# Fields that change how a study runs, not what it computes: a resumed study may change them.
+RUN_ONLY_FIELDS = ("description", "max_concurrent", "max_failures", "checkpoint_every_s", "storage")
+
+
+def study_identity(spec: StudySpec) -> dict:
+    """The resolved spec that defines a study's results (what `--resume` must find unchanged)."""
+    tree = spec.model_dump(mode="json")
+    for key in RUN_ONLY_FIELDS:
+        tree.pop(key, None)
+    return tree
+
+
+def spec_hash(spec: StudySpec) -> str:
+    text = json.dumps(study_identity(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> Optional[str]:
+    """The dotted path of the first field where two spec trees differ (None if equal)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (path or "(root)")
 
 
 def default_studies_dir() -> Path:

@@ -1,18 +1,21 @@
 """The Ray Tune function trainable: config -> pipeline run, per-epoch reports, checkpoints, resume.
 
-A trial's config names its arm (a dict of dotted-path values) and its seed; the study's base spec
-travels once per worker through `tune.with_parameters`. A trial starts from, in order: its own
-last checkpoint (Ray restarted it after a failure), the shared prefix the study trained for it,
+A trial's config names its arm (by label, or Optuna's dotted-path values), its seed and its role
+for a shared prefix: `rep` trains the prefix and stores it in the study's storage on the way (the
+moment its last phase ends), `dependent` starts from the stored prefix, `solo` shares nothing. The
+study's base spec travels once per worker through `tune.with_parameters`. A trial starts from, in
+order: its own last checkpoint (Ray restarted it, or the study was resumed), its stored prefix,
 or scratch.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any
 
 import ray
 import torch
@@ -52,39 +55,78 @@ def _load_checkpoint(pipeline: Pipeline, checkpoint: tune.Checkpoint) -> None:
     pipeline.load_state_dict(state)
 
 
-def run_trial(config: dict, *, study: dict, prefix_length: int, prefixes: Optional[dict] = None,
-              stage: str = "sweep") -> None:
-    """Train one trial. `stage="prefix"` trains only the first `prefix_length` phases."""
-    if "prefix" in config:  # stage "prefix": a representative trial of the prefix
-        assignments, seed = study["arms"][config["prefix"]["arm"]], config["prefix"]["seed"]
-    elif "arm" in config:  # grid arms x seeds
-        assignments, seed = study["arms"][config["arm"]], config["seed"]
-    else:  # searched: Optuna's values; seeds by the Repeater's index
+# ---- the stored prefixes: <storage>/prefixes/<prefix id>/pipeline_state.pt (a local path or a URI)
+
+def _filesystem(root: str):
+    import pyarrow.fs
+    return pyarrow.fs.FileSystem.from_uri(root)
+
+
+def prefix_stored(root: str, pid: str) -> bool:
+    import pyarrow.fs
+    fs, path = _filesystem(root)
+    return fs.get_file_info(f"{path}/{pid}/{STATE_FILE}").type == pyarrow.fs.FileType.File
+
+
+def store_prefix(root: str, pid: str, state: dict) -> None:
+    """Write atomically (temp file, then move): a reader sees the whole state or none."""
+    fs, path = _filesystem(root)
+    fs.create_dir(f"{path}/{pid}", recursive=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    tmp = f"{path}/{pid}/.{STATE_FILE}.{os.getpid()}.tmp"
+    with fs.open_output_stream(tmp) as handle:
+        handle.write(buffer.getvalue())
+    fs.move(tmp, f"{path}/{pid}/{STATE_FILE}")
+
+
+def load_prefix(root: str, pid: str) -> dict:
+    fs, path = _filesystem(root)
+    with fs.open_input_file(f"{path}/{pid}/{STATE_FILE}") as handle:
+        data = handle.read()
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def _worst(study: dict) -> float:
+    return float("-inf") if study["mode"] == "max" else float("inf")
+
+
+def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> None:
+    """Train one trial; `stop_after_prefix` trains only the shared prefix (an Optuna study's stage 'prefix')."""
+    if "assign" in config:  # searched: Optuna's values; seeds by the Repeater's index
         assignments = config["assign"]
         seed = config.get("seed", study["seeds"][config.get("__trial_index__", 0)])
+    else:
+        assignments, seed = study["arms"][config["arm"]], config["seed"]
     spec = build_run_spec(study["base"], assignments, seed)
+    metric, length = study["metric"], study["prefix_length"]
+    role = config.get("role", "solo")
+    my_prefix = prefix_id(spec, length) if length > 0 and role != "solo" else ""
+    prefix_status = config.get("prefix_status") or study.get("failed_prefixes", {}).get(my_prefix)
+    if prefix_status:  # its prefix diverged or failed: there is nothing to train from
+        tune.report({"status": prefix_status, "prefix_id": my_prefix, "epoch": 0, "epochs_trained": 0,
+                     metric: _worst(study)})
+        return
     torch.set_num_threads(max(1, int(study["cpus_per_trial"])))
     pipeline = Pipeline(spec, device=_device(study["gpus_per_trial"]))
     trial_name = tune.get_context().get_trial_name() or "trial"
     tags = {"study": study["name"], "trial": trial_name}
-    metric = study["metric"]
 
-    my_prefix = prefix_id(spec, prefix_length) if prefix_length > 0 else ""
     checkpoint = tune.get_checkpoint()
     started_from = "scratch"
     if checkpoint is not None:
         _load_checkpoint(pipeline, checkpoint)
         started_from = "checkpoint"
-    elif stage != "prefix" and prefixes and my_prefix in prefixes:
-        _load_checkpoint(pipeline, prefixes[my_prefix])
+    elif role == "dependent":
+        pipeline.load_state_dict(load_prefix(study["prefix_root"], my_prefix))
         started_from = "prefix"
-    stop_after = prefix_length - 1 if stage == "prefix" else None
+    stop_after = length - 1 if stop_after_prefix else None
     last_phase = (stop_after if stop_after is not None else len(pipeline.phases) - 1)
-    epochs_at_start = pipeline.global_epoch
     last_checkpoint = time.monotonic()
-    uses_prefix = stage == "prefix" or bool(prefixes and my_prefix in prefixes)
-    extras = {"prefix_id": my_prefix if uses_prefix else "", "started_from": started_from, "stage": stage,
+    stores_prefix = role == "rep" and bool(my_prefix)
+    extras = {"prefix_id": my_prefix, "started_from": started_from, "role": role,
               "node_id": ray.get_runtime_context().get_node_id()}
+    stop_file = study.get("stop_file") or ""
 
     def on_epoch(metrics: dict, pipe: Pipeline) -> None:
         nonlocal last_checkpoint
@@ -94,13 +136,13 @@ def run_trial(config: dict, *, study: dict, prefix_length: int, prefixes: Option
         finished = pipe.status == "diverged" or pipe.phase_index > last_phase
         # The trial itself says when it is done: "running" in the last row means a scheduler stopped it.
         report["status"] = "ok" if finished and pipe.status != "diverged" else pipe.status
-        report["epochs_trained"] = pipe.global_epoch - epochs_at_start
+        report["epochs_trained"] = pipe.global_epoch  # the whole flow, its shared prefix included
         if finished:
             report["layer_densities_json"] = json.dumps(pipe.layer_densities or pipe.extra.get("gsm_layer_densities", {}))
             report["weight_histograms_json"] = json.dumps(pipe.histograms)
             report["gsm_overlap_json"] = json.dumps(pipe.extra.get("gsm_overlap", []))
         if report.get(metric) is None or report[metric] != report[metric]:
-            report[metric] = float("-inf") if study["mode"] == "max" else float("inf")  # NaN breaks schedulers
+            report[metric] = _worst(study)  # NaN breaks schedulers
         gauges = _gauges()
         gauges["epoch"].set(pipe.global_epoch, tags=tags)
         gauges["phase"].set(metrics["phase"], tags=tags)
@@ -108,8 +150,13 @@ def run_trial(config: dict, *, study: dict, prefix_length: int, prefixes: Option
             gauges["sparsity"].set(metrics["sparsity"], tags=tags)
         gauges["val_metric"].set(report[metric], tags=tags)
         at_boundary = pipe.epoch_in_phase == 0  # a phase just ended
+        if (stores_prefix and at_boundary and pipe.phase_index == length and pipe.status != "diverged"
+                and not prefix_stored(study["prefix_root"], my_prefix)):
+            store_prefix(study["prefix_root"], my_prefix, pipe.state_dict())  # before the report that says so
+            report["prefix_stored"] = my_prefix
         due = time.monotonic() - last_checkpoint >= study["checkpoint_every_s"]
-        if (at_boundary or due or finished) and pipe.status != "diverged":
+        stop_requested = bool(stop_file) and os.path.exists(stop_file)  # the driver is stopping the study
+        if (at_boundary or due or finished or stop_requested) and pipe.status != "diverged":
             directory = tempfile.mkdtemp(prefix="dsdtune-ckpt-")  # fresh for every checkpoint
             try:
                 torch.save(pipe.state_dict(), os.path.join(directory, STATE_FILE))

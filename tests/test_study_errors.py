@@ -42,16 +42,57 @@ CASES = [
     ({}, ["control={pipeline.lr: 0.1}"], ["control", "factor"]),
     ({"search/space": {"pipeline.lr": {"uniform": [0.1, 0.01]}}}, ["search.algorithm=random"], ["uniform", "low < high"]),
     ({}, ["search.algorithm=bayes"], ["search.algorithm", "grid"]),
+    # caught only by building the task once before Ray (dataset, model, init), or by strict types
+    ({}, ["task.dataset_args={num_trian: 10}"], ["task.dataset_args", "num_trian"]),
+    ({}, ["task.model_args={widthz: [8]}"], ["task.model_args", "widthz"]),
+    ({}, ["task.augment=true"], ["task.augment", "images"]),
+    ({}, ["init.options={gian: 2}"], ["init.options", "gian"]),
+    ({}, ["pipeline.weight_decay=.nan"], ["pipeline.weight_decay", "finite"]),
+    ({}, ["pipeline.weight_decay=-1"], ["pipeline.weight_decay", ">= 0"]),
+    ({}, ["seeds=true"], ["seeds", "integer"]),
+    ({}, ["pipeline.epochs=[0, 0, 0]"], ["pipeline.epochs", "0 epochs"]),
+    ({}, ["task.batch_size=0"], ["task.batch_size", "greater than 0"]),
+    ({}, ["search.algorithm=random", "search.num_samples=3"], ["search.num_samples", "sampled axis"]),
+    ({}, ["scheduler.kind=asha"], ["scheduler.kind", "optuna"]),
+]
+
+OPTUNA = Path(__file__).parent / "studies" / "tiny_optuna.yaml"
+OPTUNA_CASES = [
+    (["confirm.control={pipeline.sparsty: 0.0}"], ["confirm.control", "pipeline.sparsty", "unknown key"]),
+    (["variants={a: {}, b: {pipeline.lr.0: 0.1}}"], ["variants", "optuna"]),
+    (["seeds=[0, 1]"], ["seeds", "asha", "luck"]),
 ]
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if the runner gets as far as its Ray module."""
+    class NotRay:
+        def __getattr__(self, name):
+            raise AssertionError("the study reached Ray")
+    monkeypatch.setitem(sys.modules, "dsdtune.study.run", NotRay())
+
+
 @pytest.mark.parametrize("changes,overrides,words", CASES)
-def test_bad_study_is_one_line_and_exit_2(tmp_path, capsys, changes, overrides, words):
+def test_bad_study_is_one_line_and_exit_2(tmp_path, capsys, no_ray, changes, overrides, words):
     results = tmp_path / "results"
     args = [study_file(tmp_path, **changes), "--results", str(results)]
     for o in overrides:
         args += ["--set", o]
     assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+    assert not results.exists()
+    assert main(args + ["--dry-run"]) == 2  # the plan alone is refused too
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("overrides,words", OPTUNA_CASES)
+def test_bad_optuna_study_is_refused_before_the_search(tmp_path, capsys, no_ray, overrides, words):
+    results = tmp_path / "results"
+    assert main([str(OPTUNA), "--results", str(results), *sum((["--set", o] for o in overrides), [])]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     for word in words:

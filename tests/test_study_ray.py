@@ -36,13 +36,12 @@ def test_study_runs_shares_prefixes_and_records_divergence(ray_local, tmp_path):
     out = tmp_path / "tiny"
     trials = pd.read_csv(out / "trials.csv")
     sweep = trials[trials.stage == "sweep"]
-    prefix = trials[trials.stage == "prefix"]
-    assert len(prefix) == 2 and len(sweep) == 8  # 2 seeds' dense phases trained once; 2 variants x 2 sparsities x 2 seeds
+    assert len(trials) == len(sweep) == 8  # 2 variants x 2 sparsities x 2 seeds, no separate prefix trials
     assert sorted(sweep.groupby(["arm", "seed"]).size().tolist()) == [1] * 8
-    assert set(sweep.prefix_id) == set(prefix.prefix_id)
+    assert sweep.groupby("seed").prefix_id.nunique().eq(1).all() and sweep.prefix_id.nunique() == 2
+    assert (sweep.epochs_trained[sweep.status == "ok"] == 7).all()  # the whole flow, shared D1 included
     diverging = sweep[sweep.variant == "diverging"]
     assert (diverging.status == "diverged").all() and (sweep[sweep.variant == "stable"].status == "ok").all()
-    assert (sweep.epochs_trained[sweep.status == "ok"] == 4).all()  # S + D only: D1 came from the prefix
     # the baseline of every arm of a seed is the same trained prefix
     assert sweep.groupby("seed").acc_after_D1.nunique().eq(1).all()
     history = pd.read_csv(out / "history.csv")
@@ -168,7 +167,7 @@ def test_optuna_search_then_best_config_beside_control(ray_local, tmp_path):
     out = tmp_path / "tiny_optuna"
     trials = pd.read_csv(out / "trials.csv")
     search, confirm = trials[trials.stage == "search"], trials[trials.stage == "confirm"]
-    assert len(search) == 8 and set(search.status) <= {"ok", "stopped"}  # 4 suggestions x 2 seeds
+    assert len(search) == 4 and set(search.status) <= {"ok", "stopped"}  # 4 suggestions x 1 seed
     assert sorted(confirm.seed.unique()) == [1000, 1001, 1002] and (confirm.status == "ok").all()
     best = confirm[confirm.arm == "best"]
     control = confirm[confirm.arm == "control"]
@@ -181,3 +180,29 @@ def test_optuna_search_then_best_config_beside_control(ray_local, tmp_path):
     assert full[chosen] == full.max()  # ties (40 validation samples) may pick any of the best
     comparisons = pd.read_csv(out / "comparisons.csv")
     assert (comparisons[comparisons.family == "vs_control"].test == "paired_t").all()
+
+
+def test_a_diverged_prefix_marks_its_trials_instead_of_seeding_them(ray_local, tmp_path):
+    overrides = ["pipeline.lr=[1000.0, 0.005, 0.0005]", "pipeline.epochs=[3, 1, 1]"]
+    args = [str(TINY), "--results", str(tmp_path), "--no-report"] + sum((["--set", o] for o in overrides), [])
+    assert main(args) == 0
+    trials = pd.read_csv(tmp_path / "tiny" / "trials.csv")
+    assert len(trials) == 4
+    reps = trials[trials.status == "diverged"]
+    assert len(reps) == 2 and set(reps.seed) == {0, 1}  # each seed's representative trained the prefix
+    others = trials[trials.status != "diverged"]
+    assert (others.status == "prefix_diverged").all() and (others.epochs_trained == 0).all()
+    assert others.final_test_acc.isna().all()
+
+
+def test_a_failing_report_keeps_the_results_and_says_how_to_rerun(ray_local, tmp_path, capsys, monkeypatch):
+    import dsdtune.report
+
+    def broken(results_dir):
+        raise RuntimeError("no figures today")
+
+    monkeypatch.setattr(dsdtune.report, "write_report", broken)
+    assert main([str(TINY), "--results", str(tmp_path), "--set", "pipeline.epochs=[1, 1, 1]"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the report failed" in err and "python -m dsdtune.report" in err and "complete" in err
+    assert len(pd.read_csv(tmp_path / "tiny" / "trials.csv")) == 4

@@ -87,3 +87,25 @@ def random_mask(shape, density: float, generator: torch.Generator) -> torch.Tens
     mask = torch.zeros(numel)
     mask[torch.randperm(numel, generator=generator)[:kept_count(numel, density)]] = 1
     return mask.reshape(shape)
+
+
+# The `init.options` keys each part of an init scheme reads; any other key would be ignored silently.
+ALLOCATOR_OPTIONS = {"dense": (), "uniform": (), "erk": ("variant",), "snip": ("per_class",),
+                     "grasp": ("per_class", "temperature", "sign"), "synflow": ("rounds", "rescale")}
+WEIGHT_OPTIONS = {"base": (), "eoi": ("gain", "centre_density"), "ai": ("ai_steps", "ai_lr")}
+
+
+def check_options(specs: list[InitSpec]) -> None:
+    """Refuse `init.options` keys that no allocator or weight scheme among `specs` (a study's arms) takes.
+
+    A study's options are shared by its arms, so a key one arm's scheme reads (ai_steps for the AI
+    arms) is fine in another's; a key none reads is a typo that would be ignored.
+    """
+    allowed = sorted({key for spec in specs for key in
+                      ALLOCATOR_OPTIONS.get(spec.density, ()) + WEIGHT_OPTIONS.get(spec.weights, ())})
+    for spec in specs:
+        unknown = sorted(set(spec.options) - set(allowed))
+        if unknown:
+            schemes = sorted({f"{s.density}/{s.weights}" for s in specs})
+            raise SpecError(f"init.options: {', '.join(unknown)} is not an option of {', '.join(schemes)}; "
+                            f"allowed: {', '.join(allowed) or 'none'}")

@@ -1,18 +1,27 @@
-"""`python -m dsdtune.study NAME|PATH`: a study file -> Ray Tune trials -> result files and a report."""
+"""`python -m dsdtune.study NAME|PATH`: a study file -> Ray Tune trials -> result files and a report.
+
+Exit codes: 0 every trial ended (ok, diverged or stopped by a scheduler); 1 some trials errored;
+2 a mistake in the study or the command line (one line, before Ray starts, nothing written);
+3 the study finished and its results are written, but the report failed; 130 / 143 stopped by
+Ctrl-C / SIGTERM (partial results written, the command to resume printed).
+"""
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from ..config import SpecError, default_studies_dir, load_study
-from .plan import confirm_arms, describe_plan, make_plan
-from .results import write_results
-from .validate import check_control, check_gpu, check_storage, prepare_datasets
+from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, confirm_arms, describe_plan, make_plan
+from .state import StudyLock, check_same_spec, state_dir, stop_file, store_spec
+from .validate import check_control, check_gpu, check_search, check_storage, check_tasks
 
+EXIT_OK, EXIT_TRIAL_ERRORS, EXIT_USAGE, EXIT_REPORT_FAILED = 0, 1, 2, 3
 
 
 def _list_studies() -> None:
@@ -44,69 +53,107 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this study: the same arguments, --resume instead of --fresh."""
+    kept = [a for a in argv if a not in ("--fresh", "--resume")]
+    return shlex.join(["python", "-m", "dsdtune.study", *kept, "--resume"])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.list:
         _list_studies()
-        return 0
+        return EXIT_OK
+    lock = None
     try:
         spec = load_study(args.study, args.set)
         results_dir, ray_storage = check_storage(spec, Path(args.results))
         plan = make_plan(spec)
         check_control(spec)
+        check_search(spec)
+        check_tasks(plan)
         if args.dry_run:
             print(describe_plan(spec, plan))
-            return 0
+            return EXIT_OK
         check_gpu(spec, args.address)
-        state_dir = Path(ray_storage) if "://" not in ray_storage else None
-        if state_dir is not None and state_dir.exists() and any(state_dir.iterdir()) and not (args.resume or args.fresh):
+        ray_state = Path(ray_storage) if "://" not in ray_storage else None
+        has_state = ray_state is not None and ray_state.exists() and any(ray_state.iterdir())
+        if has_state and not (args.resume or args.fresh):
             raise SpecError(f"{results_dir} already holds a run of this study: add --resume to continue it, or "
                             f"--fresh to discard its Ray state and start over")
-        prepare_datasets(spec, plan)
+        lock = StudyLock(results_dir)
+        lock.acquire()
+        if args.resume and not args.fresh and (has_state or ray_state is None):
+            check_same_spec(results_dir, spec)
     except SpecError as err:
+        if lock is not None:
+            lock.release()
         print(f"dsdtune: {err}", file=sys.stderr)
-        return 2
-    print(describe_plan(spec, plan), flush=True)
-    if args.fresh and state_dir is not None and state_dir.exists():
-        shutil.rmtree(state_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    from .run import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, connect, grid_stages, optuna_stages
-    ray, owned = connect(args.address, args.dashboard_host, args.num_cpus)
+        return EXIT_USAGE
     try:
-        stages: dict[str, list] = {}
+        return _run(args, argv, spec, plan, results_dir, ray_storage)
+    finally:
+        lock.release()
+
+
+def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str) -> int:
+    print(describe_plan(spec, plan), flush=True)
+    ray_state = Path(ray_storage) if "://" not in ray_storage else None
+    if args.fresh:
+        if ray_state is not None and ray_state.exists():
+            shutil.rmtree(ray_state)
+        (state_dir(results_dir) / "spec.json").unlink(missing_ok=True)
+    store_spec(results_dir, spec)
+    hint = f"continue with: {resume_command(argv)}"
+    from .run import SignalState, connect, optuna_stages, sweep_stage, sweep_trials
+    signals = SignalState(stop_file(results_dir), hint)
+    signals.clear_stop_file()
+    started = time.monotonic()
+    ray, owned = connect(args.address, args.dashboard_host, args.num_cpus)
+    signals.install()  # after ray.init, which sets a SIGTERM handler of its own
+    try:
         arms = list(plan.arms)
         seeds_by_stage = {STAGE_PREFIX: plan.seeds, STAGE_SWEEP: plan.seeds, STAGE_SEARCH: plan.seeds}
         if spec.search.algorithm == "optuna":
-            prefix, search, confirm, best = optuna_stages(spec, plan, ray_storage, args.resume)
-            stages = {STAGE_PREFIX: prefix, STAGE_SEARCH: search, STAGE_CONFIRM: confirm}
+            stages, best, confirm_seeds = optuna_stages(spec, plan, ray_storage, args.resume, signals)
             if best is not None:
                 arms += confirm_arms(spec, best)
-            if spec.confirm:
-                seeds_by_stage[STAGE_CONFIRM] = list(range(spec.confirm.first_seed,
-                                                           spec.confirm.first_seed + spec.confirm.seeds))
-            if best is not None:
                 print(f"dsdtune: best config by mean {spec.metric}: {best}", flush=True)
+            seeds_by_stage[STAGE_CONFIRM] = confirm_seeds
+            missing = ()
         else:
-            prefix, sweep = grid_stages(spec, plan, plan.arms, ray_storage, args.resume, STAGE_SWEEP, STAGE_PREFIX)
-            stages = {STAGE_PREFIX: prefix, STAGE_SWEEP: sweep}
-        counts = write_results(results_dir, spec, plan, stages, arms, seeds_by_stage)
+            stages = {STAGE_SWEEP: sweep_stage(spec, plan, plan.arms, ray_storage, args.resume, signals)}
+            seen = {((r.config or {}).get("arm"), (r.config or {}).get("seed")) for r in stages[STAGE_SWEEP]}
+            missing = [(STAGE_SWEEP, t["arm"], t["seed"]) for t in sweep_trials(plan, plan.arms)
+                       if (t["arm"], t["seed"]) not in seen]
+        interrupted = signals.signum is not None
+        from .results import write_results
+        counts = write_results(results_dir, spec, plan, stages, arms, seeds_by_stage, interrupted=interrupted,
+                               missing=missing if interrupted else ())
     finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signals.clear_stop_file()
         if owned:
             ray.shutdown()
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    if interrupted:
+        print(f"dsdtune: {spec.name} stopped by {signal.Signals(signals.signum).name} after "
+              f"{time.monotonic() - started:.0f} s: {summary}; partial results in {results_dir}; {hint}",
+              file=sys.stderr, flush=True)
+        return 128 + signals.signum
     print(f"dsdtune: {spec.name} finished in {time.monotonic() - started:.0f} s: {summary}; "
           f"results in {results_dir}", flush=True)
+    code = EXIT_TRIAL_ERRORS if counts.get("error") else EXIT_OK
     if not args.no_report:
         try:
             from ..report import write_report
-        except ImportError:
-            write_report = None
-        if write_report is not None:
             written = write_report(results_dir)
-            print(f"dsdtune: report written to {written.get('report.md', results_dir / 'report.md')}")
-    return 1 if counts.get("error") else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        except Exception as err:  # the results are written: a failing report must not hide them
+            print(f"dsdtune: the report failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                  f"the results in {results_dir} are complete - re-run it with: "
+                  f"python -m dsdtune.report {shlex.quote(str(results_dir))}", file=sys.stderr, flush=True)
+            return EXIT_REPORT_FAILED
+        print(f"dsdtune: report written to {written.get('report.md', results_dir / 'report.md')}")
+    return code

@@ -13,6 +13,8 @@ from typing import Any
 
 from ..config import SpecError, StudySpec, build_run_spec
 
+STAGE_PREFIX, STAGE_SWEEP, STAGE_SEARCH, STAGE_CONFIRM = "prefix", "sweep", "search", "confirm"
+
 
 @dataclass
 class Arm:
@@ -31,6 +33,7 @@ class Plan:
     epochs_per_trial: dict[str, int] = field(default_factory=dict)  # arm label -> epochs
     prefix_epochs: int = 0
     factors: list[str] = field(default_factory=list)
+    runs: list = field(default_factory=list)  # one checked RunSpec per arm (or Optuna probe), first seed
 
     @property
     def epochs_without_sharing(self) -> int:
@@ -137,7 +140,7 @@ def plan_for_arms(spec: StudySpec, arms: list[Arm]) -> Plan:
     length = min(len(p) for p in phase_lists.values()) - 1 if spec.share_prefixes else 0
     while length > 0 and any(p[:length] != reference[:length] for p in phase_lists.values()):
         length -= 1
-    plan = Plan(arms, seeds, length, factors=list(arms[0].factors))
+    plan = Plan(arms, seeds, length, factors=list(arms[0].factors), runs=list(runs.values()))
     plan.epochs_per_trial = {label: sum(p.epochs for p in plist) for label, plist in phase_lists.items()}
     plan.prefix_epochs = sum(p.epochs for p in reference[:length])
     if length:

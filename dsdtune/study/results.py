@@ -9,54 +9,77 @@ import math
 import os
 from pathlib import Path
 
-from ..config import StudySpec, build_run_spec, get_by_path
-from .plan import Arm, Plan, phase_labels
-from .run import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP
+from ..config import StudySpec, build_run_spec, get_by_path, spec_hash
+from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, Arm, Plan, phase_labels
 
 
 
-def _trial_rows(results: list, stage: str, factor_of, plan_factors: list[str],
-                prefix_histories: dict[str, list[dict]], seeds: list[int]):
+FINAL_STATUSES = ("ok", "diverged", "prefix_diverged", "prefix_error")
+
+
+def trial_status(result, interrupted: bool) -> str:
+    """ok / diverged / prefix_diverged / prefix_error as the trial said; error; else interrupted or stopped."""
+    metrics = result.metrics or {}
+    if result.error is not None:
+        return "error"
+    if metrics.get("status") in FINAL_STATUSES:
+        return metrics["status"]
+    # No final word: the study was stopped under it, or a scheduler (ASHA) ended it early.
+    return "interrupted" if interrupted else "stopped"
+
+
+def _history_rows(trial_id: str, own: list[dict], before: list[dict]) -> list[dict]:
+    """Exactly one row per epoch, epochs strictly increasing.
+
+    A restored or retried trial reports again the epochs after its checkpoint: the last report of an
+    epoch is the one its final state grew from. A 0-epoch phase (a transition only) reports the
+    previous epoch's number again: that epoch keeps its trained row, and the transition's numbers
+    stay in the trial's acc_after_<phase> columns.
+    """
+    first_own = min((h.get("epoch", 0) for h in own), default=math.inf)
+    by_epoch: dict[int, dict] = {}
+    for h in [h for h in before if h.get("epoch", 0) < first_own] + own:
+        kept = by_epoch.get(h.get("epoch"))
+        if kept is None or kept.get("phase") == h.get("phase"):
+            by_epoch[h.get("epoch")] = h
+    return [{"trial_id": trial_id, **{k: by_epoch[e].get(k) for k in HISTORY_COLUMNS}} for e in sorted(by_epoch)]
+
+
+def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str, list[dict]], seeds: list[int],
+                interrupted: bool):
     trials, histories, layers, weights = [], [], [], []
     for result in results:
-        config, metrics = result.config, result.metrics or {}
-        if "prefix" in config:
-            arm, seed = config["prefix"]["arm"], config["prefix"]["seed"]
-        else:
-            arm = config.get("arm", "searched")
+        config, metrics = result.config or {}, result.metrics or {}
+        if stage != STAGE_PREFIX and not ("arm" in config or "assign" in config):
+            continue  # created but never configured before a stop: written as a missing trial
+        if "assign" in config:
             seed = config.get("seed", seeds[config.get("__trial_index__", 0)] if seeds else 0)
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        if result.error is not None:
-            status = "error"
-        elif metrics.get("status") == "diverged":
-            status = "diverged"
-        elif metrics.get("status") == "ok":
-            status = "ok"
         else:
-            status = "stopped"  # ended early by the scheduler (ASHA)
+            seed = config.get("seed", 0)
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        status = trial_status(result, interrupted)
         if stage == STAGE_PREFIX:  # a shared starting point, not a trial of an arm
             arm, factors = "prefix", {}
         elif "assign" in config:
             arm = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in config["assign"].items())
             factors = factor_of(config["assign"])
         else:
+            arm = config.get("arm", "")
             factors = factor_of(arm)
         row = {"trial_id": trial_id, "stage": stage, "arm": arm, **factors, "seed": seed,
-               "status": status, "prefix_id": metrics.get("prefix_id", ""),
+               "status": status, "prefix_id": metrics.get("prefix_id", config.get("prefix", "")),
                "epochs_trained": metrics.get("epochs_trained", 0), "node_id": metrics.get("node_id", ""),
                "wall_time_s": round(float(metrics.get("time_total_s", 0.0)), 3)}
         for key in ("val_acc", "val_loss", "test_acc", "test_loss", "sparsity"):
-            row[f"final_{key}"] = metrics.get(key)
+            row[f"final_{key}"] = metrics.get(key) if status not in ("prefix_diverged", "prefix_error") else None
         for key, value in metrics.items():
             if key.startswith(("acc_after_", "val_acc_after_")):
                 row[key] = value
         trials.append(row)
         frame = result.metrics_dataframe
-        own = [] if frame is None else frame.to_dict("records")
-        before = prefix_histories.get(row["prefix_id"], []) if stage != STAGE_PREFIX else []
-        first_own = min((h.get("epoch", 0) for h in own), default=math.inf)
-        for h in [h for h in before if h.get("epoch", 0) < first_own] + own:
-            histories.append({"trial_id": trial_id, **{k: h.get(k) for k in HISTORY_COLUMNS}})
+        own = [] if frame is None or status in ("prefix_diverged", "prefix_error") else frame.to_dict("records")
+        before = prefix_histories.get(row["prefix_id"], []) if metrics.get("role") == "dependent" else []
+        histories += _history_rows(trial_id, own, before)
         for name, density in json.loads(metrics.get("layer_densities_json") or "{}").items():
             layers.append({"trial_id": trial_id, "layer": name, "density": density})
         for label, hist in json.loads(metrics.get("weight_histograms_json") or "{}").items():
@@ -85,7 +108,13 @@ def write_atomic_text(text: str, path: Path) -> None:
 
 
 def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[str, list], arms: list[Arm],
-                  seeds_by_stage: dict[str, list[int]]) -> dict[str, int]:
+                  seeds_by_stage: dict[str, list[int]], interrupted: bool = False,
+                  missing: tuple = ()) -> dict[str, int]:
+    """Write trials.csv, history.csv, layers.csv, weights.csv and study.json; returns status counts.
+
+    `interrupted`: the study was stopped, so trials without a final status are `interrupted`, and
+    `missing` lists (stage, arm label, seed) of the trials that never started.
+    """
     import pandas as pd
     results_dir.mkdir(parents=True, exist_ok=True)
     by_label = {a.label: a for a in arms}
@@ -99,19 +128,25 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
         values.update({f: get_by_path(tree, f) for f in plan.factors if f != "variant"})
         return values
 
+    # The epochs of each shared prefix, as its representative trained them (dependents start after them).
     prefix_histories = {}
-    for result in stages.get(STAGE_PREFIX, []):
-        frame = result.metrics_dataframe
-        if result.metrics and frame is not None:
-            prefix_histories[result.metrics.get("prefix_id", "")] = frame.to_dict("records")
+    for results in stages.values():
+        for result in results:
+            metrics, frame = result.metrics or {}, result.metrics_dataframe
+            if metrics.get("role") == "rep" and metrics.get("prefix_id") and frame is not None:
+                rows = [h for h in frame.to_dict("records") if h.get("epoch", 0) <= plan.prefix_epochs]
+                prefix_histories.setdefault(metrics["prefix_id"], rows)
     trials, histories, layers, weights = [], [], [], []
     for stage, results in stages.items():
-        t, h, l, w = _trial_rows(results, stage, factor_of, plan.factors, prefix_histories,
-                                 seeds_by_stage.get(stage, plan.seeds))
+        t, h, l, w = _trial_rows(results, stage, factor_of, prefix_histories, seeds_by_stage.get(stage, plan.seeds),
+                                 interrupted)
         trials += t
         histories += h
         layers += l
         weights += w
+    for stage, arm, seed in missing:  # never started before the study was stopped
+        trials.append({"trial_id": "", "stage": stage, "arm": arm, **factor_of(arm), "seed": seed,
+                       "status": "interrupted", "epochs_trained": 0})
     trial_frame = pd.DataFrame(trials)
     labels = phase_labels(spec, plan)
     phase_columns = [c for label in labels for c in (f"acc_after_{label}", f"val_acc_after_{label}")
@@ -135,7 +170,8 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
             "search_alg": spec.search.algorithm, "control": spec.control,
             "shared_prefix": bool(plan.prefixes), "prefix_length": plan.prefix_length,
             "epochs_with_sharing": plan.epochs_with_sharing if plan.arms else None,
-            "epochs_without_sharing": plan.epochs_without_sharing if plan.arms else None}
+            "epochs_without_sharing": plan.epochs_without_sharing if plan.arms else None,
+            "spec": spec.model_dump(mode="json"), "spec_hash": spec_hash(spec), "interrupted": interrupted}
     if spec.search.algorithm == "optuna" and spec.confirm:
         meta["control"] = dict(spec.confirm.control)
         meta["confirm_seeds"] = seeds_by_stage.get(STAGE_CONFIRM)

@@ -1,16 +1,21 @@
-"""Every check a study gets before Ray starts: storage, GPU, control, and each task built once.
+"""Every check a study gets before Ray starts (and in `--dry-run`).
 
-A failed check raises `SpecError` with one line naming the field, the bad value and what is allowed.
+Cheap checks first (storage, GPU, factors, search settings), then each distinct task is built
+once on the CPU exactly as a trial builds it - its dataset loaded with its `dataset_args`, its
+model built with its `model_args`, its init scheme set up with its options - and one batch goes
+forward and backward through it. A failed check raises `SpecError`: one line naming the field, the
+bad value and what is allowed.
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
-from ..config import SpecError, StudySpec, build_run_spec
-from .plan import Arm, Plan
+from ..config import RunSpec, SpecError, StudySpec, build_run_spec
+from .plan import Plan, confirm_arms
 
 
 def check_storage(spec: StudySpec, results_root: Path) -> tuple[Path, str]:
@@ -36,7 +41,6 @@ def _can_create_in(directory: Path) -> bool:
     """Really try (os.access says yes to root even on read-only file systems); leaves nothing behind."""
     if not directory.is_dir():
         return False
-    import tempfile
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".dsdtune-probe-", dir=directory))
         return True
@@ -52,21 +56,6 @@ def check_gpu(spec: StudySpec, address: Optional[str]) -> None:
                             f"no GPU; use --set resources.gpu=0, or --address to run on a GPU cluster")
 
 
-def prepare_datasets(spec: StudySpec, plan: Plan) -> None:
-    """Download or generate each dataset once, here, before trials race for it (and fail offline)."""
-    from ..data import DatasetUnavailable, load_dataset
-    arms = plan.arms or [Arm("base", {}, {})]
-    tasks = {json.dumps(build_run_spec(spec.base_run(), a.assign, plan.seeds[0]).task.model_dump(), sort_keys=True)
-             for a in arms}
-    for text in tasks:
-        task = json.loads(text)
-        try:
-            load_dataset(task["dataset"], device="cpu", val_fraction=task["val_fraction"],
-                         data_dir=str(Path(task["data_dir"]).expanduser().resolve()), **task["dataset_args"])
-        except DatasetUnavailable as err:
-            raise SpecError(f"task.dataset: {err}") from None
-
-
 def check_control(spec: StudySpec) -> None:
     if spec.control:
         for key in spec.control:
@@ -75,3 +64,99 @@ def check_control(spec: StudySpec) -> None:
                                 f"{', '.join(list(spec.search.space) + (['variant'] if spec.variants else []))}")
 
 
+def check_search(spec: StudySpec) -> None:
+    """Search settings that would otherwise be ignored, or fail only after the search has run."""
+    search = spec.search
+    sampled = [p for p, axis in search.space.items() if axis.kind not in ("grid", "choice")]
+    if search.algorithm == "optuna":
+        if spec.variants:
+            raise SpecError("variants: an optuna search does not run variants; make the variant a searched "
+                            "choice (search.space) or run one study per variant")
+        if spec.scheduler.kind == "asha" and len(spec.seed_list) > 1:
+            raise SpecError(f"seeds: asha with {len(spec.seed_list)} seeds per config would stop single seeds by "
+                            f"their luck; search with one seed (seeds: [0]) and repeat the best config over "
+                            f"confirm.seeds")
+        if spec.confirm:
+            probe = {p: (axis.grid or axis.choice or getattr(axis, axis.kind))[0] for p, axis in search.space.items()}
+            for label, arm in zip(("the best config", "confirm.control"), confirm_arms(spec, probe)):
+                try:
+                    build_run_spec(spec.base_run(), arm.assign, spec.confirm.first_seed)
+                except SpecError as err:
+                    raise SpecError(f"confirm.control: {err}" if label == "confirm.control" else str(err)) from None
+    elif spec.scheduler.kind != "none":
+        raise SpecError(f"scheduler.kind: {spec.scheduler.kind} stops trials early, which only a search "
+                        f"(search.algorithm: optuna) uses; a grid or random study runs every trial to the end")
+    if search.algorithm == "random" and search.num_samples > 1 and not sampled:
+        raise SpecError(f"search.num_samples: {search.num_samples} samples but no sampled axis (uniform, "
+                        f"loguniform or int) in search.space; add one, or drop num_samples")
+    if search.algorithm == "grid" and search.num_samples > 1:
+        raise SpecError(f"search.num_samples: {search.num_samples} is only used by random and optuna searches; "
+                        f"repeat arms with seeds instead")
+
+
+def check_tasks(plan: Plan) -> None:
+    """Build each distinct task of the plan's arms once on the CPU and push one batch through it.
+
+    Also downloads or generates each dataset here, once, before trials race for it.
+    """
+    from ..data import DatasetUnavailable, load_dataset
+    from ..sparsity.init import check_options
+    check_options([run.init for run in plan.runs])
+    datasets: dict[str, object] = {}
+    built: set[str] = set()
+    for run in plan.runs:
+        task = run.task
+        data_key = json.dumps([task.dataset, task.dataset_args, task.val_fraction, task.data_dir], sort_keys=True,
+                              default=str)
+        if data_key not in datasets:
+            try:
+                datasets[data_key] = load_dataset(task.dataset, device="cpu", val_fraction=task.val_fraction,
+                                                  data_dir=str(Path(task.data_dir).expanduser().resolve()),
+                                                  **task.dataset_args)
+            except DatasetUnavailable as err:
+                raise SpecError(f"task.dataset: {err}") from None
+            except (TypeError, ValueError) as err:
+                raise SpecError(f"task.dataset_args: {_first_line(err)}") from None
+        build_key = json.dumps([data_key, task.model, task.model_args, task.augment, task.batch_size,
+                                run.init.model_dump(), run.pipeline.exclude_first, run.pipeline.exclude],
+                               sort_keys=True, default=str)
+        if build_key not in built:
+            built.add(build_key)
+            _build_once(run, datasets[data_key])
+
+
+def _build_once(run: RunSpec, data) -> None:
+    import torch
+    import torch.nn.functional as F
+    from ..models import build_model
+    from ..pipeline import Pipeline
+
+    task = run.task
+    if task.augment and not data.is_image:
+        raise SpecError(f"task.augment: true crops and flips images, but {task.dataset} samples have shape "
+                        f"{tuple(data.input_shape)}; use augment: false")
+    try:
+        build_model(task.model, data.input_shape, data.num_classes, **task.model_args)
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"task.model_args: {_first_line(err)}") from None
+    try:
+        pipeline = Pipeline(run, dataset=data, device="cpu")
+    except SpecError:
+        raise
+    except Exception as err:  # the init scheme failed on this model: say so before every trial does
+        raise SpecError(f"init: {run.init.density}/{run.init.weights} cannot be set up on {task.model}: "
+                        f"{_first_line(err)}") from None
+    model = pipeline.model
+    x, y = data.train_x[:task.batch_size], data.train_y[:task.batch_size]
+    try:
+        with torch.enable_grad():
+            F.cross_entropy(model(x), y).backward()
+    except Exception as err:
+        raise SpecError(f"task.model: {task.model} fails on a batch of shape {tuple(x.shape)} from "
+                        f"{task.dataset}: {_first_line(err)}") from None
+    model.zero_grad(set_to_none=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
