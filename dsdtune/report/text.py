@@ -1,0 +1,107 @@
+"""Numbers and sentences as the report prints them."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from .arms import Arm, MetricInfo
+from .load import Study
+
+if TYPE_CHECKING:
+    from .compare import Reference
+
+ALPHA = 0.05  # the level of every test, flag and sentence
+POWER = 0.8  # of the minimum detectable effect
+
+
+def nan_if_none(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+# -------------------------------------------------------------------------------- formatting
+
+
+def fmt_p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return "–"
+    if p < 1e-4:
+        return f"{p:.1e}"
+    return f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
+
+
+def fmt_v(x: float, info: MetricInfo) -> str:
+    """Accuracies in % with 2 decimals (the DSD paper's precision); other metrics to 4 digits."""
+    if x is None or math.isnan(x):
+        return "–"
+    return f"{x * info.scale:.2f}" if info.is_acc else f"{x:.4g}"
+
+
+def fmt_d(x: float, info: MetricInfo) -> str:
+    if x is None or math.isnan(x):
+        return "–"
+    return f"{x * info.scale:+.2f}" if info.is_acc else f"{x:+.3g}"
+
+
+def test_name(test: str) -> str:
+    return {"welch_t": "Welch", "paired_t": "paired t", "mann_whitney": "Mann-Whitney",
+            "wilcoxon_signed_rank": "Wilcoxon"}.get(test, test)
+
+
+def subject_of(study: Study, arm: Arm, reference: Reference) -> str:
+    if arm.key in reference.reference_keys and "fine-tune" in reference.name:
+        return f"Direct fine-tuning ({arm.label})"
+    flow = study.flow
+    # One flow names the method ("DSD with sparsity=0.5"); several (variants) are in the arm label.
+    if flow and "," not in flow and not any("flow" in f for f in study.factors):
+        return f"{flow} with {arm.label}"
+    return arm.label
+
+
+def comparison_sentence(r: dict[str, Any], subject: str, ref_name: str, info: MetricInfo) -> str:
+    """One plain sentence saying what the data say about one comparison."""
+    u, du = info.unit, info.diff_unit
+    n_txt = (f"n = {fmt_n(r['n_a'])} pairs" if r["test"] == "paired_t"
+             else f"n = {fmt_n(r['n_a'])} vs {fmt_n(r['n_b'])}")
+    means = f"{fmt_v(r['mean_a'], info)}{u} vs {fmt_v(r['mean_ref'], info)}{u}"
+    if r["status"] == "insufficient_n":
+        return (f"{subject} could not be tested against {ref_name}: {n_txt} usable trials (a t-test "
+                f"needs at least 2 per arm); means {means}.")
+    if r["status"] == "no_variance":
+        return (f"{subject} vs {ref_name}: {means} ({n_txt}), with no run-to-run variance at all (deterministic "
+                "runs?), so no t-test is possible; the difference is exact for these seeds only.")
+    better = (r["diff"] > 0) == info.higher_is_better and r["diff"] != 0
+    p_txt = (f"{test_name(r['test'])} p = {fmt_p(r['p_value'])}, Holm p = {fmt_p(r['p_holm'])} "
+             f"(m = {r['family_m']})")
+    numbers = (f"{means} ({n_txt}; diff {fmt_d(r['diff'], info)}{du}, 95% CI [{fmt_d(r['ci_low'], info)}, "
+               f"{fmt_d(r['ci_high'], info)}]), {p_txt}")
+    if r["significant"]:
+        verb = "beat" if better else "did worse than"
+        return f"{subject} {verb} {ref_name}: {numbers}."
+    if better:
+        verb = "was not significantly better than"
+    elif r["diff"] == 0:
+        verb = "did not differ from"
+    else:
+        verb = "did not beat"
+    tail = ""
+    if not math.isnan(r["mde"]):
+        tail = f"; no effect larger than {fmt_v(abs(r['mde']), info)}{du} detected (80% power)"
+    if r["p_value"] < ALPHA:
+        tail += "; nominally p < 0.05, but not after Holm correction"
+    return f"{subject} {verb} {ref_name}: {numbers}{tail}."
+
+
+def fmt_n(n: Any) -> str:
+    return "–" if n is None or (isinstance(n, float) and math.isnan(n)) else str(int(n))
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(cell(h) for h in headers) + " |",
+           "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
