@@ -26,13 +26,16 @@ No Ray, no pandas.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .sparsity.masks import kept_count, prunable_weights
+
+if TYPE_CHECKING:
+    from .config import RunSpec
 
 TRAIN_FLOPS_PER_FORWARD = 3.0  # forward + backward (input gradient + weight gradient)
 LAYERWISE_CRITERIA = ("layerwise_magnitude", "random")  # exactly kept_count per layer
@@ -194,18 +197,11 @@ def flow_cost(model_cost: ModelCost, phases: Sequence, samples_per_epoch: int,
     )
 
 
-def trial_cost(run_spec: Union[dict, "RunSpec"], layer_densities_per_phase=None, dataset=None,
-               init_densities: Optional[Mapping[str, float]] = None,
-               final_densities: Optional[Mapping[str, float]] = None) -> TrialCost:
-    """Cost of one trial from its run spec: builds the task's model, measures it on one batch.
-
-    `layer_densities_per_phase` (one {weight: density} or None per phase) makes the count exact
-    where the runner recorded the masks; `dataset` avoids loading the task's data again.
-    """
+def model_cost_for(run_spec: Union[dict, "RunSpec"], dataset=None) -> tuple[ModelCost, int]:
+    """The task's model measured on one training batch, and the training samples per epoch."""
     from .config import parse_run_spec
     from .data import load_dataset
     from .models import build_model
-    from .pipeline import expand_phases
 
     spec = parse_run_spec(run_spec)
     task = spec.task
@@ -215,8 +211,25 @@ def trial_cost(run_spec: Union[dict, "RunSpec"], layer_densities_per_phase=None,
     pipe = spec.pipeline
     prunable = list(prunable_weights(model, exclude_first=pipe.exclude_first, exclude=pipe.exclude))
     batch = data.train_x[: task.batch_size].to("cpu")
-    cost = measure_model(model, batch, prunable)
+    return measure_model(model, batch, prunable), int(data.train_x.shape[0])
+
+
+def trial_cost(run_spec: Union[dict, "RunSpec"], layer_densities_per_phase=None, dataset=None,
+               init_densities: Optional[Mapping[str, float]] = None,
+               final_densities: Optional[Mapping[str, float]] = None,
+               model_cost: Optional[tuple[ModelCost, int]] = None) -> TrialCost:
+    """Cost of one trial from its run spec: builds the task's model, measures it on one batch.
+
+    `layer_densities_per_phase` (one {weight: density} or None per phase) makes the count exact
+    where the runner recorded the masks; `dataset` avoids loading the task's data again and
+    `model_cost` (from `model_cost_for`) measuring the same model again.
+    """
+    from .config import parse_run_spec
+    from .pipeline import expand_phases
+
+    spec = parse_run_spec(run_spec)
+    cost, samples = model_cost if model_cost is not None else model_cost_for(spec, dataset)
     # The pipeline uses a sparse init's masks for a first S phase; a dense init leaves it to the criterion.
     init_target = spec.init.init_density if spec.init.density != "dense" else None
-    return flow_cost(cost, expand_phases(pipe), int(data.train_x.shape[0]), layer_densities_per_phase,
+    return flow_cost(cost, expand_phases(spec.pipeline), samples, layer_densities_per_phase,
                      init_densities, final_densities, init_target_density=init_target)

@@ -156,7 +156,9 @@ def test_welch_without_shared_prefix_and_effect_sizes(tmp_path):
     assert got["p_better"] == pytest.approx(stats.prob_superiority(a, c).value, rel=1e-9)
     assert got["rank_p"] == pytest.approx(stats.mann_whitney(a, c).p_value, rel=1e-9)
     pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(c) - 1) * c.var(ddof=1)) / (len(a) + len(c) - 2))
-    mde = stats.minimum_detectable_effect(len(a), len(c), sd=pooled).effect_metric
+    # The MDE is at Holm's strictest level alpha / m, so an effect that large is flagged significant.
+    assert got["family_m"] == 3 and got["mde_alpha"] == pytest.approx(0.05 / 3)
+    mde = stats.minimum_detectable_effect(len(a), len(c), alpha=0.05 / 3, sd=pooled).effect_metric
     assert got["mde"] == pytest.approx(mde, rel=1e-9)
     assert bool(got["underpowered"]) == (abs(got["diff"]) < mde)
 

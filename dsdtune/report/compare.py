@@ -12,8 +12,10 @@ from dsdtune import stats
 
 from .arms import (Arm, MetricInfo, as_number, baseline_column, canon, fmt_level, group_arms, metric_info,
                    resolve_metric, same, val_metric)
-from .load import Study, StudyError
-from .text import ALPHA, POWER, comparison_sentence, nan_if_none, subject_of
+from .costs import COST_COLUMNS, CostTable, trial_costs
+from .load import SpecSource, Study, StudyError, study_spec
+from .ranks import RankResult, rank_summary
+from .text import ALPHA, BOOTSTRAP_SEED, POWER, comparison_sentence, nan_if_none, subject_of
 
 
 # ------------------------------------------------------------------------------------ control
@@ -117,7 +119,7 @@ def _pooled_sd(sa: stats.Summary, sb: stats.Summary) -> float | None:
 
 
 def compare_arms(a: Arm, b: Arm | None, metric: str, want_paired: bool, info: MetricInfo,
-             b_metric: str | None = None) -> dict[str, Any]:
+                 b_metric: str | None = None, margin: float | None = None) -> dict[str, Any]:
     """One comparison of arm a with reference b (or with another column of a's own trials).
 
     b is None with b_metric set: a within-trial paired comparison metric vs b_metric (the baseline).
@@ -162,20 +164,19 @@ def compare_arms(a: Arm, b: Arm | None, metric: str, want_paired: bool, info: Me
         test = stats.paired_t(xa, xb)
         rank = stats.wilcoxon_signed_rank(xa, xb)
         keep = np.isfinite(xa) & np.isfinite(xb)
-        sd_diff = stats.describe(xa[keep] - xb[keep]).sd
-        mde = stats.minimum_detectable_effect_paired(int(keep.sum()), ALPHA, POWER, sd_diff)
+        mde_args: tuple = ("paired", int(keep.sum()), stats.describe(xa[keep] - xb[keep]).sd)
     else:
         test = stats.welch_t(xa, xb)
         rank = stats.mann_whitney(xa, xb)
-        mde = stats.minimum_detectable_effect(len(xa), len(xb), ALPHA, POWER,
-                                              _pooled_sd(stats.describe(xa), stats.describe(xb)))
+        mde_args = ("independent", len(xa), len(xb), _pooled_sd(stats.describe(xa), stats.describe(xb)))
+    boot = stats.bootstrap_ci_diff(xa, xb, paired=paired, seed=BOOTSTRAP_SEED)
+    tost = None
+    if margin is not None:
+        tost = (stats.tost_paired if paired else stats.tost_welch)(xa, xb, margin, ALPHA)
     sa, sb = stats.describe(xa), stats.describe(xb)
     g = stats.hedges_g(xa, xb)
     ps = stats.prob_superiority(xa, xb)
     p_better = None if ps.value is None else (ps.value if info.higher_is_better else 1.0 - ps.value)
-    diff = test.diff
-    mde_metric = mde.effect_metric if mde.status == "ok" else None
-    underpowered = mde_metric is None or (diff is not None and abs(diff) < mde_metric)
     note = "; ".join(x for x in [*note_parts, test.note] if x)
     return {
         "metric": metric,
@@ -185,31 +186,57 @@ def compare_arms(a: Arm, b: Arm | None, metric: str, want_paired: bool, info: Me
         "n_b": test.n_b if test.n_b is not None else np.nan,
         "mean_a": nan_if_none(sa.mean),
         "mean_ref": nan_if_none(sb.mean),
-        "diff": nan_if_none(diff),
+        "diff": nan_if_none(test.diff),
         "ci_low": nan_if_none(test.ci_low),
         "ci_high": nan_if_none(test.ci_high),
+        "boot_ci_low": nan_if_none(boot.ci_low),
+        "boot_ci_high": nan_if_none(boot.ci_high),
         "statistic": nan_if_none(test.statistic),
         "df": nan_if_none(test.df),
         "p_value": nan_if_none(test.p_value),
         "hedges_g": nan_if_none(g.value),
         "p_better": nan_if_none(p_better),
-        "mde": nan_if_none(mde_metric),
-        "mde_d": nan_if_none(mde.effect_size),
+        "margin": nan_if_none(margin),
+        "tost_test": tost.test if tost is not None else "",
+        "tost_status": tost.status if tost is not None else "",
+        "tost_p": nan_if_none(tost.p_value if tost is not None else None),
+        "tost_ci_low": nan_if_none(tost.ci_low if tost is not None else None),
+        "tost_ci_high": nan_if_none(tost.ci_high if tost is not None else None),
         "rank_test": rank.test,
         "rank_status": rank.status,
         "rank_p": nan_if_none(rank.p_value),
-        "underpowered": bool(underpowered),
         "note": note,
+        "_mde_args": mde_args,
     }
 
 
 def adjust_family(rows: list[dict[str, Any]]) -> int:
-    """Holm and BH over one family in place; returns the family size m (comparisons with a p)."""
+    """Holm and BH over one family in place, the MDE at Holm's strictest level and the equivalence
+    verdicts; returns the family size m (comparisons with a p).
+
+    MDE: a true difference this large reaches p < alpha / m with 80% power, so Holm (which rejects
+    at least what Bonferroni rejects) flags it `significant` with at least that power.
+    Equivalence: TOST p-values are Holm-adjusted over the same family; `equivalent` = margin given
+    and Holm-adjusted TOST p < alpha.
+    """
     ps = [None if math.isnan(r["p_value"]) else r["p_value"] for r in rows]
     h, bh = stats.holm(ps), stats.benjamini_hochberg(ps)
-    for r, ph, pb in zip(rows, h.p_adjusted, bh.p_adjusted):
+    mde_alpha = ALPHA / max(h.m, 1)
+    tost_holm = stats.holm([None if math.isnan(r["tost_p"]) else r["tost_p"] for r in rows])
+    for r, ph, pb, pt in zip(rows, h.p_adjusted, bh.p_adjusted, tost_holm.p_adjusted):
         r["p_holm"], r["p_bh"], r["family_m"] = nan_if_none(ph), nan_if_none(pb), h.m
         r["significant"] = ph is not None and ph < ALPHA
+        args = r.pop("_mde_args")
+        if args[0] == "paired":
+            mde = stats.minimum_detectable_effect_paired(args[1], mde_alpha, POWER, args[2])
+        else:
+            mde = stats.minimum_detectable_effect(args[1], args[2], mde_alpha, POWER, args[3])
+        r["mde"] = nan_if_none(mde.effect_metric if mde.status == "ok" else None)
+        r["mde_d"] = nan_if_none(mde.effect_size)
+        r["mde_alpha"] = mde_alpha
+        r["underpowered"] = bool(math.isnan(r["mde"]) or (not math.isnan(r["diff"]) and abs(r["diff"]) < r["mde"]))
+        r["tost_p_holm"] = nan_if_none(pt)
+        r["equivalent"] = pt is not None and pt < ALPHA
     return h.m
 
 
@@ -234,9 +261,29 @@ class Analysis:
     comparisons: pd.DataFrame
     control_m: int
     baseline_m: int
+    margin: float | None = None
+    margin_source: str = ""
+    spec_source: SpecSource | None = None
+    costs: CostTable | None = None
+    ranks: RankResult | None = None
+
+    def arm_cost(self, arm: Arm) -> dict[str, float]:
+        """Mean cost over the arm's ok trials (NaN when costs are unknown)."""
+        return arm_cost(self.costs, arm, self.info.name)
 
 
-def summary_rows(arms: list[Arm], stage: str, metrics: list[str], factors: list[str]) -> list[dict]:
+def arm_cost(costs: CostTable | None, arm: Arm, metric: str) -> dict[str, float]:
+    ids = arm.ok_rows(metric)["trial_id"] if metric in arm.rows else arm.rows.iloc[0:0]["trial_id"]
+    sub = costs.for_trials(ids) if costs is not None else None
+    if sub is None or sub.empty:
+        return {c: math.nan for c in COST_COLUMNS}
+    out = {c: float(pd.to_numeric(sub[c]).mean()) for c in COST_COLUMNS if c != "cost_exact"}
+    out["cost_exact"] = bool(sub["cost_exact"].all())
+    return out
+
+
+def summary_rows(arms: list[Arm], stage: str, metrics: list[str], factors: list[str],
+                 costs: CostTable | None = None) -> list[dict]:
     rows = []
     for a in arms:
         for m in metrics:
@@ -247,19 +294,44 @@ def summary_rows(arms: list[Arm], stage: str, metrics: list[str], factors: list[
             row.update({f: a.factors[f] for f in factors})
             row.update({
                 "metric": m, "n_total": len(a.rows), "n_ok": a.count("ok"),
-                "n_diverged": a.count("diverged"), "n_error": a.count("error"), "n": s.n,
-                "mean": nan_if_none(s.mean), "sd": nan_if_none(s.sd), "sem": nan_if_none(s.sem), "ci_low": nan_if_none(s.ci_low),
-                "ci_high": nan_if_none(s.ci_high), "median": nan_if_none(s.median), "min": nan_if_none(s.min),
-                "max": nan_if_none(s.max), "status": s.status,
+                "n_diverged": a.count("diverged"), "n_stopped": a.count("stopped"), "n_error": a.count("error"),
+                "n": s.n, "mean": nan_if_none(s.mean), "sd": nan_if_none(s.sd), "sem": nan_if_none(s.sem),
+                "ci_low": nan_if_none(s.ci_low), "ci_high": nan_if_none(s.ci_high),
+                "median": nan_if_none(s.median), "min": nan_if_none(s.min), "max": nan_if_none(s.max),
+                "status": s.status,
             })
+            if costs is not None and costs.trials is not None:
+                row.update(arm_cost(costs, a, m))
             rows.append(row)
     return rows
 
 
-def analyze(study: Study, metric: str | None = None, control: str | dict | None = None) -> Analysis:
-    """Arms, per-arm summaries and both comparison families."""
+def resolve_margin(study: Study, source: SpecSource, margin: float | None) -> tuple[float | None, str]:
+    """The equivalence margin and where it came from: the argument, study.json, or the spec."""
+    where = "the --margin option"
+    if margin is None:
+        stored = study.meta.get("report")
+        if isinstance(stored, dict) and stored.get("margin") is not None:
+            margin, where = stored["margin"], "study.json"
+        elif source.spec is not None and source.spec.report.margin is not None:
+            margin, where = source.spec.report.margin, "the study's `report.margin`"
+    if margin is None:
+        return None, ""
+    value = as_number(margin)
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise StudyError(f"margin {margin!r}: give the equivalence margin in metric units as a number > 0, "
+                         "e.g. --margin 0.005 for 0.5 pp of accuracy")
+    return value, where
+
+
+def analyze(study: Study, metric: str | None = None, control: str | dict | None = None,
+            margin: float | None = None, costs: bool = True) -> Analysis:
+    """Arms, per-arm summaries, both comparison families, costs and the rank summary over tasks."""
     metric = resolve_metric(study, metric)
     info = metric_info(metric, study.meta)
+    source = study_spec(study)
+    margin, margin_source = resolve_margin(study, source, margin)
+    cost_table = trial_costs(study, source) if costs else CostTable(None, "Costs not computed (switched off).")
     t = study.trials
     has_confirm = bool((t["stage"] == "confirm").any())
     search_mode = str(study.meta.get("search_alg", "")).lower() == "optuna" or has_confirm
@@ -285,9 +357,9 @@ def analyze(study: Study, metric: str | None = None, control: str | dict | None 
                      if f"acc_after_{lab}" in t.columns and f"acc_after_{lab}" != metric]
 
     metrics = [metric] + phase_metrics + ([val] if val and val != metric else [])
-    srows = summary_rows(arms, "confirm" if search_mode else "all", metrics, study.factors)
+    srows = summary_rows(arms, "confirm" if search_mode else "all", metrics, study.factors, cost_table)
     if search_mode:
-        srows += summary_rows(sweep_arms, "sweep", metrics, study.factors)
+        srows += summary_rows(sweep_arms, "sweep", metrics, study.factors, cost_table)
     summary = pd.DataFrame(srows)
 
     paired = bool(study.meta.get("shared_prefix"))
@@ -302,7 +374,7 @@ def analyze(study: Study, metric: str | None = None, control: str | dict | None 
             continue
         r = {"family": "vs_control", "arm": a.label, "reference": ref.label,
              "reference_kind": ref_kind, **{f: a.factors[f] for f in study.factors}}
-        r.update(compare_arms(a, ref, metric, paired, info))
+        r.update(compare_arms(a, ref, metric, paired, info, margin=margin))
         ctrl_rows.append(r)
         ctrl_arms.append(a)
     control_m = adjust_family(ctrl_rows)
@@ -313,23 +385,26 @@ def analyze(study: Study, metric: str | None = None, control: str | dict | None 
             r = {"family": "vs_baseline", "arm": a.label,
                  "reference": f"{baseline_col} (same trial)", "reference_kind": "baseline",
                  **{f: a.factors[f] for f in study.factors}}
-            r.update(compare_arms(a, None, metric, True, info, b_metric=baseline_col))
+            r.update(compare_arms(a, None, metric, True, info, b_metric=baseline_col, margin=margin))
             base_rows.append(r)
     baseline_m = adjust_family(base_rows)
 
     for r, a in zip(ctrl_rows, ctrl_arms):
-        r["sentence"] = comparison_sentence(r, subject_of(study, a, reference), f"{reference.name} ({r['reference']})", info)
+        r["sentence"] = comparison_sentence(r, subject_of(study, a, reference),
+                                            f"{reference.name} ({r['reference']})", info)
     base_label = study.phase_labels[0] if study.phase_labels else "D1"
     for r, a in zip(base_rows, arms):
         r["sentence"] = comparison_sentence(r, subject_of(study, a, reference),
-                                  f"its own baseline (end of {base_label}, same trial)", info)
+                                            f"its own baseline (end of {base_label}, same trial)", info)
     comparisons = pd.DataFrame(ctrl_rows + base_rows)
     if not comparisons.empty:
         first = ["family", "arm", "reference", "reference_kind", *study.factors, "metric", "test",
-                 "status", "n_a", "n_b", "mean_a", "mean_ref", "diff", "ci_low", "ci_high", "statistic",
-                 "df", "p_value", "p_holm", "p_bh", "family_m", "significant", "underpowered"]
+                 "status", "n_a", "n_b", "mean_a", "mean_ref", "diff", "ci_low", "ci_high", "boot_ci_low",
+                 "boot_ci_high", "statistic", "df", "p_value", "p_holm", "p_bh", "family_m", "significant",
+                 "mde", "mde_alpha", "underpowered", "margin", "tost_test", "tost_status", "tost_p",
+                 "tost_p_holm", "tost_ci_low", "tost_ci_high", "equivalent"]
         comparisons = comparisons[first + [c for c in comparisons.columns if c not in first]]
+    ranks = rank_summary(study, arms, info)
     return Analysis(study, info, arms, sweep_arms, search_mode, best, val, reference, baseline_col,
-                    phase_metrics, summary, comparisons, control_m, baseline_m)
-
-
+                    phase_metrics, summary, comparisons, control_m, baseline_m, margin, margin_source,
+                    source, cost_table, ranks)

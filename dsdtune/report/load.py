@@ -110,3 +110,116 @@ def load_study(study_dir: str | os.PathLike) -> Study:
     )
 
 
+
+
+# ------------------------------------------------------------------------------- the study's spec
+
+
+@dataclass
+class SpecSource:
+    """The study's resolved spec, if the report can know it, and where it came from (a sentence)."""
+
+    spec: Any  # dsdtune.config.StudySpec | None
+    description: str
+
+
+def study_spec(study: Study, studies_dir: str | os.PathLike | None = None) -> SpecSource:
+    """The resolved StudySpec: study.json "spec" when the runner stored it, else the study file of
+    the same name if it reproduces what study.json recorded (flow, phases, factors, seeds, epochs).
+
+    The fallback cannot see `--set` overrides that leave those fields alone (e.g. model widths);
+    the report says which source it used.
+    """
+    from dsdtune.config import SpecError, StudySpec, load_study as load_study_file
+
+    stored = study.meta.get("spec")
+    if isinstance(stored, dict):
+        try:
+            return SpecSource(StudySpec.model_validate(stored), "the resolved spec stored in study.json")
+        except ValueError as exc:
+            return SpecSource(None, f"study.json's spec does not validate ({str(exc).splitlines()[0]})")
+    try:
+        spec = load_study_file(study.name, studies_dir=studies_dir)
+    except SpecError as exc:
+        return SpecSource(None, f"study.json stores no spec and the study file is unusable ({exc})")
+    mismatch = _spec_mismatch(study, spec)
+    if mismatch:
+        return SpecSource(None, f"study.json stores no spec, and studies/{study.name}.yaml differs from "
+                                f"this run ({mismatch}), so it was not used")
+    return SpecSource(spec, f"studies/{study.name}.yaml (study.json stores no spec; it matches this run's "
+                            "flow, phases, factors, seeds and epochs, but overrides of other fields "
+                            "would not show)")
+
+
+def _spec_mismatch(study: Study, spec: Any) -> str:
+    """What the study file contradicts in study.json, or ''."""
+    from dsdtune.pipeline import expand_phases
+
+    meta = study.meta
+    if meta.get("seeds") is not None and list(meta["seeds"]) != spec.seed_list:
+        return "seeds"
+    space = list(spec.search.space)
+    if spec.search.algorithm == "optuna" and spec.confirm:
+        space += [k for k in spec.confirm.control if k not in space]
+    expected = (["variant"] if spec.variants else []) + space
+    if meta.get("factors") is not None and list(meta["factors"]) != expected:
+        return "factors"
+    runs = arm_run_specs(study, spec)
+    if runs is None:
+        return "arms"
+    flows = list(dict.fromkeys(r.pipeline.flow for r in runs.values())) or [spec.pipeline.flow]
+    if meta.get("flow") and ", ".join(flows) != meta["flow"] and spec.search.algorithm != "optuna":
+        return "flow"
+    if spec.search.algorithm == "optuna":
+        if meta.get("flow") != spec.pipeline.flow:
+            return "flow"
+        return ""
+    labels = list(dict.fromkeys(p.label for r in runs.values() for p in expand_phases(r.pipeline)))
+    if meta.get("phase_labels") is not None and list(meta["phase_labels"]) != labels:
+        return "phase labels"
+    total = meta.get("epochs_without_sharing")
+    if total is not None:
+        planned = sum(sum(p.epochs for p in expand_phases(r.pipeline)) for r in runs.values()) * len(spec.seed_list)
+        if planned != total:
+            return f"epochs: {planned} planned by the file, {total} in study.json"
+    return ""
+
+
+def arm_assignments(row: Any, factors: Sequence[str], spec: Any) -> dict[str, Any]:
+    """The dotted-path values that make a trial's run spec from the study's base spec."""
+    assign: dict[str, Any] = {}
+    if "variant" in factors:
+        assign.update((spec.variants or {}).get(str(row["variant"]), {}))
+    for f in factors:
+        if f != "variant" and f.split(".")[0] in ("task", "init", "pipeline"):
+            value = row[f]
+            if isinstance(value, (np.integer, np.floating, np.bool_)):
+                value = value.item()
+            if isinstance(value, float) and value.is_integer() and _is_int_field(spec, f):
+                value = int(value)
+            assign[f] = value
+    return assign
+
+
+def _is_int_field(spec: Any, path: str) -> bool:
+    from dsdtune.config import get_by_path
+    try:
+        return isinstance(get_by_path(spec.base_run(), path), int)
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+def arm_run_specs(study: Study, spec: Any) -> dict[str, Any] | None:
+    """One run spec (seed of the arm's first trial) per distinct factor combination in trials.csv,
+    keyed by the trials' arm label; None when a trial's values do not make a valid spec."""
+    from dsdtune.config import SpecError, build_run_spec
+
+    runs: dict[str, Any] = {}
+    t = study.trials
+    for _, row in t.drop_duplicates([*study.factors] or ["arm"]).iterrows() if not t.empty else []:
+        try:
+            runs[str(row.get("arm", ""))] = build_run_spec(spec.base_run(), arm_assignments(row, study.factors, spec),
+                                                           int(row["seed"]))
+        except (SpecError, KeyError, ValueError):
+            return None
+    return runs

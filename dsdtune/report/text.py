@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 ALPHA = 0.05  # the level of every test, flag and sentence
 POWER = 0.8  # of the minimum detectable effect
+BOOTSTRAP_SEED = 0  # percentile-bootstrap CIs are reproducible
 
 
 def nan_if_none(x: Any) -> float:
@@ -74,9 +75,10 @@ def comparison_sentence(r: dict[str, Any], subject: str, ref_name: str, info: Me
              f"(m = {r['family_m']})")
     numbers = (f"{means} ({n_txt}; diff {fmt_d(r['diff'], info)}{du}, 95% CI [{fmt_d(r['ci_low'], info)}, "
                f"{fmt_d(r['ci_high'], info)}]), {p_txt}")
+    equiv = equivalence_clause(r, info)
     if r["significant"]:
         verb = "beat" if better else "did worse than"
-        return f"{subject} {verb} {ref_name}: {numbers}."
+        return f"{subject} {verb} {ref_name}: {numbers}{equiv}."
     if better:
         verb = "was not significantly better than"
     elif r["diff"] == 0:
@@ -85,10 +87,35 @@ def comparison_sentence(r: dict[str, Any], subject: str, ref_name: str, info: Me
         verb = "did not beat"
     tail = ""
     if not math.isnan(r["mde"]):
-        tail = f"; no effect larger than {fmt_v(abs(r['mde']), info)}{du} detected (80% power)"
+        tail = (f"; no effect larger than {fmt_v(abs(r['mde']), info)}{du} detected "
+                f"(80% power at {mde_alpha_text(r['mde_alpha'], r['family_m'])})")
     if r["p_value"] < ALPHA:
         tail += "; nominally p < 0.05, but not after Holm correction"
-    return f"{subject} {verb} {ref_name}: {numbers}{tail}."
+    return f"{subject} {verb} {ref_name}: {numbers}{tail}{equiv}."
+
+
+def mde_alpha_text(alpha: float, m: int) -> str:
+    return f"α = {ALPHA:g}/{m} = {alpha:.2g}" if m > 1 else f"α = {alpha:g}"
+
+
+def margin_text(margin: float, info: MetricInfo) -> str:
+    return f"±{fmt_v(margin, info)}{info.diff_unit}"
+
+
+def equivalence_clause(r: dict[str, Any], info: MetricInfo) -> str:
+    """'; equivalent within ±0.50 pp (...)' or 'not shown equivalent'; '' without a margin."""
+    margin = r.get("margin")
+    if margin is None or math.isnan(margin):
+        return ""
+    within = margin_text(margin, info)
+    if r.get("tost_status") != "ok":
+        return f"; equivalence within {within} could not be tested ({r.get('tost_status')})"
+    ci = (f"{int(round(100 * (1 - 2 * ALPHA)))}% CI [{fmt_d(r['tost_ci_low'], info)}, "
+          f"{fmt_d(r['tost_ci_high'], info)}]")
+    detail = f"TOST p = {fmt_p(r['tost_p'])}, Holm p = {fmt_p(r['tost_p_holm'])}, {ci}"
+    if r["equivalent"]:
+        return f"; equivalent within {within} ({detail})"
+    return f"; not shown equivalent within {within} ({detail})"
 
 
 def fmt_n(n: Any) -> str:
