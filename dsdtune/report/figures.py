@@ -157,7 +157,11 @@ def _phase_spans(hist: pd.DataFrame) -> list[tuple[float, float, str]]:
 
 
 def plot_curves(an: Analysis) -> Figure | None:
-    """Mean over seeds (ok trials) of val/test accuracy (and sparsity) per epoch, per arm."""
+    """Mean over seeds (ok trials) of val/test accuracy (and sparsity) per epoch, per arm.
+
+    Arms are grouped by their phase layout (flow and epochs): each group gets its own column with
+    its own phases shaded, so DSD, DSDSD and DSDSDSD arms are not drawn on one flow's phases.
+    """
     hist = an.study.history
     if hist is None:
         return None
@@ -170,47 +174,94 @@ def plot_curves(an: Analysis) -> Figure | None:
     panels = [c for c in ("val_acc", "test_acc", "sparsity") if c in hist.columns]
     if not panels:
         return None
-    fig = Figure(figsize=(11, 2.6 * len(panels) + 0.9), dpi=100, layout="constrained")
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    spans = None
+    groups: dict[tuple, list[tuple[int, Arm, pd.DataFrame]]] = {}
     for i, a in enumerate(arms):
         ids = a.rows.loc[a.rows["status"] == "ok", "trial_id"]
         h = hist[hist["trial_id"].isin(ids)]
         if h.empty:
             continue
-        if spans is None:
-            spans = _phase_spans(h)
-        # Plain per-epoch mean over seeds, for the picture only (the tables use stats.describe).
-        mean = h.groupby("epoch")[panels].mean(numeric_only=True)
-        n = h["trial_id"].nunique()
-        for ax, col in zip(axes, panels):
-            ax.plot(mean.index, mean[col] * 100.0, color=f"C{i % 10}", lw=1.5,
-                    label=f"{a.label} (n={n})")
-    if spans is None:
+        spans = tuple(_phase_spans(h))
+        groups.setdefault(spans, []).append((i, a, h))
+    if not groups:
         return None
+    ncol = len(groups)
+    fig = Figure(figsize=(11 if ncol == 1 else 4.2 * ncol + 3, 2.6 * len(panels) + 0.9), dpi=100,
+                 layout="constrained")
+    axes = fig.subplots(len(panels), ncol, sharex="col", sharey="row", squeeze=False)
     labels = {"val_acc": "validation accuracy (%)", "test_acc": "test accuracy (%)",
               "sparsity": "sparsity (% zeros)"}
-    for k, ax in enumerate(axes):
-        for j, (x0, x1, lab) in enumerate(spans):
-            ax.axvspan(x0, x1, color="0.85" if j % 2 == 0 else "0.95", zorder=0)
-            if k == 0:
-                ax.text((x0 + x1) / 2, 1.01, lab, transform=ax.get_xaxis_transform(), ha="center",
-                        va="bottom", fontsize=9, fontweight="bold")
-        ax.set_ylabel(labels[panels[k]])
-        ax.grid(alpha=0.3)
-        if panels[k] != "sparsity":
-            lines = [ln.get_ydata() for ln in ax.get_lines()]
-            late = np.concatenate([np.asarray(y)[len(y) // 5:] for y in lines if len(y)]) if lines else []
-            if len(late) and np.isfinite(late).any():
-                lo, hi = np.nanmin(late), np.nanmax(late)
-                pad = max(0.5, 0.1 * (hi - lo))
-                ax.set_ylim(lo - pad, hi + pad)  # zoom on where arms differ, not the first epochs
-    axes[-1].set_xlabel("epoch (shaded: phases)")
-    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
-                   title="arm (n ok trials)", title_fontsize=8)
-    extra = f"; {len(arms)} of {len(an.arms)} arms shown" if len(arms) < len(an.arms) else ""
-    fig.suptitle(f"{an.study.name}: learning curves, mean over seeds (ok trials){extra}\n"
+    for col, (spans, members) in enumerate(groups.items()):
+        for i, a, h in members:
+            # Plain per-epoch mean over seeds, for the picture only (the tables use stats.describe).
+            mean = h.groupby("epoch")[panels].mean(numeric_only=True)
+            n = h["trial_id"].nunique()
+            for ax, c in zip(axes[:, col], panels):
+                ax.plot(mean.index, mean[c] * 100.0, color=f"C{i % 10}", lw=1.5, label=f"{a.label} (n={n})")
+        for k, ax in enumerate(axes[:, col]):
+            for j, (x0, x1, lab) in enumerate(spans):
+                ax.axvspan(x0, x1, color="0.85" if j % 2 == 0 else "0.95", zorder=0)
+                if k == 0:
+                    ax.text((x0 + x1) / 2, 1.01, lab, transform=ax.get_xaxis_transform(), ha="center",
+                            va="bottom", fontsize=9, fontweight="bold")
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(labels[panels[k]])
+        axes[-1, col].set_xlabel("epoch (shaded: phases)")
+        if ncol > 1:
+            axes[0, col].set_title("phases " + " → ".join(lab for _, _, lab in spans), fontsize=9, pad=16)
+        axes[0, col].legend(fontsize=7 if ncol > 1 else 8, loc="lower right" if ncol > 1 else "upper left",
+                            **({} if ncol > 1 else {"bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0}),
+                            title="arm (n ok trials)", title_fontsize=7 if ncol > 1 else 8)
+    for k, c in enumerate(panels):
+        if c == "sparsity":
+            continue
+        lines = [ln.get_ydata() for ax in axes[k] for ln in ax.get_lines()]
+        late = np.concatenate([np.asarray(y)[len(y) // 5:] for y in lines if len(y)]) if lines else []
+        if len(late) and np.isfinite(late).any():
+            lo, hi = np.nanmin(late), np.nanmax(late)
+            pad = max(0.5, 0.1 * (hi - lo))
+            axes[k, 0].set_ylim(lo - pad, hi + pad)  # zoom on where arms differ, not the first epochs
+    shown = sum(len(m) for m in groups.values())
+    extra = f"; {shown} of {len(an.arms)} arms shown" if shown < len(an.arms) else ""
+    per_flow = "; one column per phase layout" if ncol > 1 else ""
+    fig.suptitle(f"{an.study.name}: learning curves, mean over seeds (ok trials){extra}{per_flow}\n"
                  "accuracy axes zoomed to the last 80% of epochs", fontsize=11)
+    return fig
+
+
+def plot_cost(an: Analysis) -> Figure | None:
+    """Final metric (mean, 95% t-CI) against training FLOPs per arm; the reference arms in red."""
+    if an.costs is None or an.costs.trials is None or not an.arms:
+        return None
+    info = an.info
+    pts = []
+    for a in an.arms:
+        c = an.arm_cost(a)
+        s = describe_arm(a, info.name)
+        if s.mean is None or np.isnan(c["training_flops"]):
+            continue
+        pts.append((a, c["training_flops"], s))
+    if not pts:
+        return None
+    fig = Figure(figsize=(9, 5.5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for k, (a, x, s) in enumerate(pts):
+        is_ref = a.key in an.reference.reference_keys
+        err = None if s.ci_low is None else [[(s.mean - s.ci_low) * info.scale], [(s.ci_high - s.mean) * info.scale]]
+        ax.errorbar([x], [s.mean * info.scale], yerr=err, fmt="s" if is_ref else "o", capsize=4,
+                    color="C3" if is_ref else f"C{k % 10}", label=f"{a.label} (n={s.n})" + (" — reference" if is_ref else ""))
+    xs = [x for _, x, _ in pts]
+    if max(xs) > 10 * min(xs):
+        ax.set_xscale("log")
+    dense = an.arm_cost(pts[0][0])["training_flops_dense"]
+    if all(abs(an.arm_cost(a)["training_flops_dense"] - dense) <= 1e-9 * dense for a, _, _ in pts):
+        ax.axvline(dense, color="0.4", ls="--", lw=1, label="same epochs, all dense")
+    ax.set_xlabel("training FLOPs per trial (whole flow; masked layers scaled by density)")
+    ax.set_ylabel(_ylabel(info.name, info))
+    ax.set_title(f"{an.study.name}: {info.describe_name()} vs training cost\n"
+                 "mean with 95% t-CI over seeds, one point per arm", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     return fig
 
 

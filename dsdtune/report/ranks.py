@@ -72,3 +72,16 @@ def rank_summary(study, arms: list[Arm], info: MetricInfo) -> RankResult | None:
     for p, ph in zip(pairs, adj.p_adjusted):
         p["p_holm"] = ph
     return RankResult(task_f, complete, method_list, means, fr, pairs, dropped)
+
+
+def ranks_frame(rk: RankResult):
+    """ranks.csv: one row per method (average rank, per-task means) and one per pair of methods."""
+    import pandas as pd
+
+    rows = [{"kind": "method", "method_a": m, "average_rank": rk.friedman.average_ranks[i],
+             **{f"mean[{t}]": rk.means[j, i] for j, t in enumerate(rk.tasks)}} for i, m in enumerate(rk.methods)]
+    fr = rk.friedman
+    rows.append({"kind": "friedman", "n_tasks": fr.n_blocks, "statistic": fr.statistic, "p": fr.p_value,
+                 "f_statistic": fr.f_statistic, "f_p": fr.f_p_value, "status": fr.status})
+    rows += [{"kind": "pair", **p} for p in rk.pairs]
+    return pd.DataFrame(rows)

@@ -118,6 +118,16 @@ def equivalence_clause(r: dict[str, Any], info: MetricInfo) -> str:
     return f"; not shown equivalent within {within} ({detail})"
 
 
+def fmt_flops(x: float) -> str:
+    """FLOPs with an SI prefix and 3 significant digits: 156672 -> '157 kFLOP'."""
+    if x is None or math.isnan(x):
+        return "–"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}FLOP"
+    return f"{x:.3g} FLOP"
+
+
 def fmt_n(n: Any) -> str:
     return "–" if n is None or (isinstance(n, float) and math.isnan(n)) else str(int(n))
 
