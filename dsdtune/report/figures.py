@@ -245,18 +245,22 @@ def plot_cost(an: Analysis) -> Figure | None:
         return None
     fig = Figure(figsize=(9, 5.5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
+    xs = [x for _, x, _ in pts]
+    unit, prefix = next(((u, p) for u, p in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+                         if max(xs) >= u), (1.0, ""))
+    others = [f"C{i}" for i in range(10) if i != 3]  # C3 (red) marks the reference arms
     for k, (a, x, s) in enumerate(pts):
         is_ref = a.key in an.reference.reference_keys
         err = None if s.ci_low is None else [[(s.mean - s.ci_low) * info.scale], [(s.ci_high - s.mean) * info.scale]]
-        ax.errorbar([x], [s.mean * info.scale], yerr=err, fmt="s" if is_ref else "o", capsize=4,
-                    color="C3" if is_ref else f"C{k % 10}", label=f"{a.label} (n={s.n})" + (" — reference" if is_ref else ""))
-    xs = [x for _, x, _ in pts]
+        ax.errorbar([x / unit], [s.mean * info.scale], yerr=err, fmt="s" if is_ref else "o", capsize=4,
+                    color="C3" if is_ref else others[k % len(others)],
+                    label=f"{a.label} (n={s.n})" + (" — reference" if is_ref else ""))
     if max(xs) > 10 * min(xs):
         ax.set_xscale("log")
     dense = an.arm_cost(pts[0][0])["training_flops_dense"]
     if all(abs(an.arm_cost(a)["training_flops_dense"] - dense) <= 1e-9 * dense for a, _, _ in pts):
-        ax.axvline(dense, color="0.4", ls="--", lw=1, label="same epochs, all dense")
-    ax.set_xlabel("training FLOPs per trial (whole flow; masked layers scaled by density)")
+        ax.axvline(dense / unit, color="0.4", ls="--", lw=1, label="same epochs, all dense")
+    ax.set_xlabel(f"training {prefix}FLOPs per trial (whole flow; masked layers scaled by density)")
     ax.set_ylabel(_ylabel(info.name, info))
     ax.set_title(f"{an.study.name}: {info.describe_name()} vs training cost\n"
                  "mean with 95% t-CI over seeds, one point per arm", fontsize=11)
