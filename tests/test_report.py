@@ -554,3 +554,19 @@ def test_rank_summary_across_tasks(tmp_path):
     assert list(pairs["p"]) == pytest.approx(wil) and list(pairs["p_holm"]) == pytest.approx(stats.holm(wil).p_adjusted)
     text = paths["report"].read_text()
     assert "## Ranks across tasks" in text and "Iman-Davenport F" in text
+
+
+def test_costs_use_recorded_per_phase_densities(tmp_path):
+    trials = make_sweep(tmp_path, with_history=False)
+    spec = _spec_for(SEEDS)
+    spec["pipeline"]["criterion"] = "global_magnitude"  # per-layer densities depend on the weights
+    _study_json(tmp_path, spec=spec)
+    approx = pd.read_csv(write_report(tmp_path, figures=False)["costs"])
+    assert not approx.loc[approx["trial_id"] == 6, "cost_exact"].iloc[0]  # sparsity 0.3, nothing recorded
+    layers = [{"trial_id": t, "phase_label": "S1", "layer": "layers.2.weight", "density": 0.25}
+              for t in trials["trial_id"]]
+    pd.DataFrame(layers).to_csv(tmp_path / "layers.csv", index=False)
+    exact = pd.read_csv(write_report(tmp_path, figures=False)["costs"])
+    dense, s1 = 2 * (20 * 32 + 32 * 4), 2 * 20 * 32 + 0.25 * 2 * 32 * 4
+    assert exact["cost_exact"].all()
+    assert exact["training_flops"].to_numpy() == pytest.approx(3 * 180 * (7 * dense + 3 * s1))

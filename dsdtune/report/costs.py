@@ -1,9 +1,11 @@
 """Per-trial parameters and FLOPs, from the study's resolved spec and the densities trials recorded.
 
-Which densities: layer-wise criteria (DSD's default) keep an exact count per layer, so an S phase's
-densities follow from its sparsity; layers.csv holds a sparse init's per-layer densities (flows that
-start with S) or GSM's after truncation (flows with G), used as recorded; global magnitude pruning's
-per-layer densities are not recorded, so its target density stands in (flagged `cost_exact` False).
+Which densities: layers.csv rows with a `phase_label` give that phase's per-layer densities as
+trained (exact; the runner does not write them yet); rows without one hold a sparse init's
+densities (flows that start with S) or GSM's after truncation (flows with G), used as recorded;
+otherwise layer-wise criteria (DSD's default) keep an exact count per layer, so an S phase's
+densities follow from its sparsity, and global magnitude pruning's target density stands in
+(flagged `cost_exact` False).
 Every trial gets the cost of its planned flow; per-arm means use the ok trials.
 """
 from __future__ import annotations
@@ -41,11 +43,19 @@ def trial_costs(study: Study, source: SpecSource) -> CostTable:
     from dsdtune.cost import model_cost_for, trial_cost
     from dsdtune.data import DatasetUnavailable, load_dataset
 
+    from dsdtune.pipeline import expand_phases
+
     spec = source.spec
-    densities: dict[Any, dict[str, float]] = {}
+    densities: dict[Any, dict[str, float]] = {}  # a sparse init's, or GSM's after truncation
+    per_phase: dict[Any, dict[str, dict[str, float]]] = {}  # trial -> phase label -> densities
     if study.layers is not None:
-        for tid, rows in study.layers.groupby("trial_id"):
+        lay = study.layers
+        labelled = lay["phase_label"].notna() if "phase_label" in lay.columns else pd.Series(False, index=lay.index)
+        for tid, rows in lay[~labelled].groupby("trial_id"):
             densities[tid] = dict(zip(rows["layer"].astype(str), rows["density"].astype(float)))
+        for (tid, label), rows in lay[labelled].groupby(["trial_id", "phase_label"]):
+            per_phase.setdefault(tid, {})[str(label)] = dict(zip(rows["layer"].astype(str),
+                                                                 rows["density"].astype(float)))
     datasets: dict[str, Any] = {}
     models: dict[str, Any] = {}
     out = []
@@ -63,7 +73,9 @@ def trial_costs(study: Study, source: SpecSource) -> CostTable:
             recorded = densities.get(row["trial_id"])
             flow = run.pipeline.flow
             sparse_init = run.init.density != "dense"
-            cost = trial_cost(run, model_cost=models[model_key],
+            phases = per_phase.get(row["trial_id"])
+            cost = trial_cost(run, [phases.get(p.label) for p in expand_phases(run.pipeline)] if phases else None,
+                              model_cost=models[model_key],
                               init_densities=recorded if sparse_init and flow.startswith("S") else None,
                               final_densities=recorded if "G" in flow and not sparse_init else None)
             out.append({"trial_id": row["trial_id"], **cost.as_row(), "cost_note": cost.note})

@@ -168,14 +168,15 @@ def _spec_mismatch(study: Study, spec: Any) -> str:
     if runs is None:
         return "arms"
     flows = list(dict.fromkeys(r.pipeline.flow for r in runs.values())) or [spec.pipeline.flow]
-    if meta.get("flow") and ", ".join(flows) != meta["flow"] and spec.search.algorithm != "optuna":
+    # Compared as sets: the runner lists flows and labels in its arm order, trials.csv in label order.
+    if meta.get("flow") and set(flows) != set(str(meta["flow"]).split(", ")) and spec.search.algorithm != "optuna":
         return "flow"
     if spec.search.algorithm == "optuna":
         if meta.get("flow") != spec.pipeline.flow:
             return "flow"
         return ""
     labels = list(dict.fromkeys(p.label for r in runs.values() for p in expand_phases(r.pipeline)))
-    if meta.get("phase_labels") is not None and list(meta["phase_labels"]) != labels:
+    if meta.get("phase_labels") is not None and set(meta["phase_labels"]) != set(labels):
         return "phase labels"
     total = meta.get("epochs_without_sharing")
     if total is not None:
