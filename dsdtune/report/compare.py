@@ -231,7 +231,9 @@ def adjust_family(rows: list[dict[str, Any]]) -> int:
             mde = stats.minimum_detectable_effect_paired(args[1], mde_alpha, POWER, args[2])
         else:
             mde = stats.minimum_detectable_effect(args[1], args[2], mde_alpha, POWER, args[3])
-        r["mde"] = nan_if_none(mde.effect_metric if mde.status == "ok" else None)
+        # No variance (deterministic runs): an MDE of 0 would read as "any effect detectable".
+        usable = mde.status == "ok" and r["status"] == "ok"
+        r["mde"] = nan_if_none(mde.effect_metric if usable else None)
         r["mde_d"] = nan_if_none(mde.effect_size)
         r["mde_alpha"] = mde_alpha
         r["underpowered"] = bool(math.isnan(r["mde"]) or (not math.isnan(r["diff"]) and abs(r["diff"]) < r["mde"]))
