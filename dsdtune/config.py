@@ -192,6 +192,13 @@ class ConfirmSpec(_Strict):
     control: dict[str, Any] = Field(default_factory=dict)
 
 
+class ReportSpec(_Strict):
+    """How the report concludes: `margin` (metric units, e.g. 0.005 = 0.5 pp of accuracy) is the
+    equivalence margin; with it every comparison adds a TOST, without it no equivalence is claimed."""
+
+    margin: Optional[float] = Field(None, gt=0.0)
+
+
 class StudySpec(_Strict):
     name: str
     description: str = ""
@@ -213,6 +220,7 @@ class StudySpec(_Strict):
     checkpoint_every_s: StrictFloat = Field(60.0, gt=0.0)
     share_prefixes: StrictBool = True
     storage: Optional[str] = None
+    report: ReportSpec = Field(default_factory=ReportSpec)
 
     @field_validator("name")
     @classmethod

@@ -2,7 +2,7 @@
 
 Pure functions on plain sequences (lists, tuples, 1-D numpy arrays); no pandas, no Ray, nothing
 else of dsdtune. scipy and statsmodels do the arithmetic; this module adds what their defaults get
-wrong for seed studies (see reference/stats.md):
+wrong for seed studies:
 
 - Welch's t everywhere (``equal_var=False``), Holm as Holm (``method="holm"``, not Holm-Sidak).
 - Missing values (None, NaN, and +-inf from diverged runs) are dropped first; the ``n`` fields are
@@ -14,6 +14,12 @@ wrong for seed studies (see reference/stats.md):
   necessarily large) p-value are still reported.
 
 All tests are two-sided. Differences are always a - b.
+
+Equivalence is tested with two one-sided tests (TOST; Schuirmann 1987, Lakens 2017): the arms are
+shown equivalent within +-margin when both H0: diff <= -margin and H0: diff >= +margin are
+rejected, i.e. the (1 - 2 alpha) t-interval lies inside the margin. Many methods over many tasks
+are ranked with Friedman's test and its Iman-Davenport F correction, then pairwise Wilcoxon tests
+with Holm (Demsar 2006, "Statistical comparisons of classifiers over multiple data sets").
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from scipy import special
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
+from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
 __all__ = [
     "TestResult",
@@ -51,6 +58,13 @@ __all__ = [
     "minimum_detectable_effect",
     "minimum_detectable_effect_paired",
     "describe",
+    "EquivalenceResult",
+    "tost_paired",
+    "tost_welch",
+    "BootstrapCI",
+    "bootstrap_ci_diff",
+    "RankSummary",
+    "friedman_ranks",
 ]
 
 Status = Literal["ok", "insufficient_n", "no_variance", "rank_test_cannot_reach_alpha"]
@@ -527,3 +541,188 @@ def describe(x: Samples, confidence: float = 0.95) -> Summary:
     ci_low, ci_high = _t_interval(mean, sem, n - 1, confidence)
     return Summary("ok", n, dropped, mean, sd, sem, ci_low, ci_high, median, lo, hi, confidence,
                    note)
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+
+@dataclass(frozen=True)
+class EquivalenceResult:
+    """TOST of diff = a - b against the equivalence region (-margin, +margin).
+
+    ``p_value`` is the larger of the two one-sided p-values (``p_lower`` for H0: diff <= -margin,
+    ``p_upper`` for H0: diff >= +margin); equivalence at level alpha <=> p_value < alpha <=> the
+    (1 - 2 alpha) t-interval ``[ci_low, ci_high]`` lies inside the margin. ``confidence`` is that
+    interval's level (0.90 for alpha = 0.05). Guards as for the t-tests.
+    """
+
+    test: str
+    status: Status
+    margin: float
+    p_value: float | None
+    p_lower: float | None
+    p_upper: float | None
+    t_lower: float | None
+    t_upper: float | None
+    df: float | None
+    diff: float | None
+    ci_low: float | None
+    ci_high: float | None
+    confidence: float
+    n_a: int
+    n_b: int
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _check_margin(margin: float, alpha: float) -> None:
+    if not (isinstance(margin, (int, float, np.integer, np.floating)) and math.isfinite(margin)
+            and margin > 0):
+        raise ValueError(f"equivalence margin must be a finite number > 0, got {margin!r}")
+    if not 0 < alpha < 0.5:
+        raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
+
+
+def tost_paired(a: Samples, b: Samples, margin: float, alpha: float = 0.05) -> EquivalenceResult:
+    """Paired TOST on per-seed differences a - b (statsmodels ``ttost_paired``)."""
+    _check_margin(margin, alpha)
+    t = paired_t(a, b, confidence=1.0 - 2.0 * alpha)
+    if not t.ok:
+        return EquivalenceResult("tost_paired", t.status, float(margin), None, None, None, None,
+                                 None, None, t.diff, None, None, 1.0 - 2.0 * alpha, t.n_a, t.n_a,
+                                 t.note)
+    xa, xb, _ = _clean_pairs(a, b)
+    p, (t1, p1, df1), (t2, p2, _) = ttost_paired(xa, xb, -float(margin), float(margin))
+    return EquivalenceResult("tost_paired", "ok", float(margin), _f(p), _f(p1), _f(p2), _f(t1),
+                             _f(t2), _f(df1), t.diff, t.ci_low, t.ci_high, 1.0 - 2.0 * alpha, t.n_a,
+                             t.n_a, t.note)
+
+
+def tost_welch(a: Samples, b: Samples, margin: float, alpha: float = 0.05) -> EquivalenceResult:
+    """TOST with Welch's unequal-variance t (statsmodels ``ttost_ind``, ``usevar="unequal"``)."""
+    _check_margin(margin, alpha)
+    t = welch_t(a, b, confidence=1.0 - 2.0 * alpha)
+    if not t.ok:
+        return EquivalenceResult("tost_welch", t.status, float(margin), None, None, None, None,
+                                 None, None, t.diff, None, None, 1.0 - 2.0 * alpha, t.n_a,
+                                 int(t.n_b or 0), t.note)
+    xa, _ = _clean(a, "a")
+    xb, _ = _clean(b, "b")
+    p, (t1, p1, df1), (t2, p2, _) = ttost_ind(xa, xb, -float(margin), float(margin),
+                                              usevar="unequal")
+    return EquivalenceResult("tost_welch", "ok", float(margin), _f(p), _f(p1), _f(p2), _f(t1),
+                             _f(t2), _f(df1), t.diff, t.ci_low, t.ci_high, 1.0 - 2.0 * alpha,
+                             t.n_a, int(t.n_b), t.note)
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """Percentile-bootstrap interval of a difference (paired: mean of a - b; else mean a - mean b).
+
+    Percentile intervals run too narrow below about 15 values per group: the t-interval stays the
+    primary CI, this one shows whether the two agree.
+    """
+
+    status: Status
+    ci_low: float | None
+    ci_high: float | None
+    confidence: float
+    n_resamples: int
+    seed: int
+    paired: bool
+    note: str = ""
+
+
+def bootstrap_ci_diff(a: Samples, b: Samples, paired: bool, confidence: float = 0.95,
+                      n_resamples: int = 9999, seed: int = 0) -> BootstrapCI:
+    """``scipy.stats.bootstrap`` (percentile method, seeded) of the difference of means."""
+    _check_confidence(confidence)
+    if paired:
+        xa, xb, dropped = _clean_pairs(a, b)
+        note = f"dropped {dropped} incomplete pair(s)" if dropped else ""
+        d = xa - xb
+        data: tuple[np.ndarray, ...] = (d,)
+        constant, small = _is_constant(d), d.size < 2
+
+        def statistic(x, axis=-1):
+            return np.mean(x, axis=axis)
+    else:
+        xa, da = _clean(a, "a")
+        xb, db = _clean(b, "b")
+        note = _dropped_note(a=da, b=db)
+        data = (xa, xb)
+        constant, small = _is_constant(xa) and _is_constant(xb), min(xa.size, xb.size) < 2
+
+        def statistic(x, y, axis=-1):
+            return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+    if small:
+        return BootstrapCI("insufficient_n", None, None, confidence, n_resamples, seed, paired,
+                           _join("need at least 2 values per group (or 2 pairs)", note))
+    if constant:
+        return BootstrapCI("no_variance", None, None, confidence, n_resamples, seed, paired,
+                           _join("no variance: every resample gives the same difference", note))
+    res = sps.bootstrap(data, statistic, n_resamples=n_resamples, confidence_level=confidence,
+                        method="percentile", vectorized=True, paired=False,
+                        rng=np.random.default_rng(seed))
+    ci = res.confidence_interval
+    return BootstrapCI("ok", float(ci.low), float(ci.high), confidence, n_resamples, seed, paired,
+                       note)
+
+
+# ----------------------------------------------------------------------------- many tasks
+
+
+@dataclass(frozen=True)
+class RankSummary:
+    """Friedman test over blocks (tasks) x treatments (methods), with Iman-Davenport's F.
+
+    ``average_ranks`` follow the treatments' order; rank 1 is the best treatment of a block (ties
+    share the mean rank). Iman-Davenport: F = (N - 1) chi2 / (N (k - 1) - chi2) with k - 1 and
+    (k - 1)(N - 1) degrees of freedom; it is less conservative than chi2 itself.
+    """
+
+    status: Status
+    n_blocks: int
+    k: int
+    average_ranks: list[float]
+    statistic: float | None
+    p_value: float | None
+    f_statistic: float | None
+    df_num: float | None
+    df_den: float | None
+    f_p_value: float | None
+    note: str = ""
+
+
+def friedman_ranks(table: Sequence[Sequence[float]] | np.ndarray,
+                   higher_is_better: bool = True) -> RankSummary:
+    """Friedman + Iman-Davenport on a blocks x treatments table (no missing cells)."""
+    x = np.asarray(table, dtype=float)
+    if x.ndim != 2:
+        raise ValueError(f"need a 2-D blocks x treatments table, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("the table has missing or non-finite cells; Friedman needs complete blocks")
+    n, k = x.shape
+    ranks = np.vstack([sps.rankdata(-row if higher_is_better else row, method="average")
+                       for row in x]) if n else np.zeros((0, k))
+    avg = [float(r) for r in ranks.mean(axis=0)] if n else [math.nan] * k
+    if n < 2 or k < 3:
+        return RankSummary("insufficient_n", n, k, avg, None, None, None, None, None, None,
+                           f"Friedman needs at least 2 blocks and 3 treatments, got {n} x {k}")
+    if all(_is_constant(row) for row in x):
+        return RankSummary("no_variance", n, k, avg, None, None, None, None, None, None,
+                           "every block ties all treatments; ranks carry no information")
+    res = sps.friedmanchisquare(*x.T)
+    chi2 = float(res.statistic)
+    df1, df2 = k - 1.0, (k - 1.0) * (n - 1.0)
+    denom = n * (k - 1.0) - chi2
+    # chi2 = N (k - 1) exactly when every block ranks the treatments the same way: F is infinite.
+    f = math.inf if denom <= 0 else (n - 1.0) * chi2 / denom
+    pf = 0.0 if math.isinf(f) else float(sps.f.sf(f, df1, df2))
+    return RankSummary("ok", n, k, avg, chi2, float(res.pvalue), f, df1, df2, pf)

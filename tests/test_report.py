@@ -156,7 +156,9 @@ def test_welch_without_shared_prefix_and_effect_sizes(tmp_path):
     assert got["p_better"] == pytest.approx(stats.prob_superiority(a, c).value, rel=1e-9)
     assert got["rank_p"] == pytest.approx(stats.mann_whitney(a, c).p_value, rel=1e-9)
     pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(c) - 1) * c.var(ddof=1)) / (len(a) + len(c) - 2))
-    mde = stats.minimum_detectable_effect(len(a), len(c), sd=pooled).effect_metric
+    # The MDE is at Holm's strictest level alpha / m, so an effect that large is flagged significant.
+    assert got["family_m"] == 3 and got["mde_alpha"] == pytest.approx(0.05 / 3)
+    mde = stats.minimum_detectable_effect(len(a), len(c), alpha=0.05 / 3, sd=pooled).effect_metric
     assert got["mde"] == pytest.approx(mde, rel=1e-9)
     assert bool(got["underpowered"]) == (abs(got["diff"]) < mde)
 
@@ -372,3 +374,199 @@ def test_prefix_stage_rows_are_not_trials_of_an_arm(tmp_path):
     comparison = pd.read_csv(tmp_path / "comparisons.csv")
     row = comparison[(comparison.family == "vs_control")].iloc[0]
     assert row["diff"] < 0  # DSD 0.693 vs fine-tune 0.7015: worse, not "better than the baseline"
+
+
+# ------------------------------------------------------------------------ equivalence, costs, kinds
+
+
+def test_tost_equals_statsmodels_and_verdict_only_with_margin(tmp_path):
+    from statsmodels.stats.weightstats import ttost_ind, ttost_paired
+    trials = make_sweep(tmp_path, shared_prefix=True)
+    without = write_report(tmp_path, figures=False, costs=False)
+    text = without["report"].read_text()
+    assert "equivalent within" not in text and "no margin declared" in text
+    assert pd.read_csv(without["comparisons"])["equivalent"].eq(False).all()
+
+    paths = write_report(tmp_path, figures=False, margin=0.01, costs=False)
+    cc = pd.read_csv(paths["comparisons"]).query("family == 'vs_control'").set_index("pipeline.sparsity")
+    ctrl = trials[(trials["pipeline.sparsity"] == 0.0) & (trials["status"] == "ok")].set_index("seed")
+    raw = {}
+    for sp in (0.3, 0.5, 0.7):
+        arm = trials[(trials["pipeline.sparsity"] == sp) & (trials["status"] == "ok")].set_index("seed")
+        common = arm.index.intersection(ctrl.index)
+        p, _, _ = ttost_paired(arm.loc[common, "final_test_acc"].to_numpy(), ctrl.loc[common, "final_test_acc"].to_numpy(),
+                               -0.01, 0.01)
+        assert cc.loc[sp, "tost_test"] == "tost_paired" and cc.loc[sp, "tost_p"] == pytest.approx(float(p), rel=1e-9)
+        raw[sp] = float(p)
+    adj = stats.holm([raw[sp] for sp in (0.3, 0.5, 0.7)]).p_adjusted
+    assert list(cc.loc[[0.3, 0.5, 0.7], "tost_p_holm"]) == pytest.approx(adj, rel=1e-9)
+    assert list(cc["equivalent"]) == [p < 0.05 for p in cc["tost_p_holm"]]
+    assert cc["equivalent"].any() and not cc["equivalent"].all()  # 0.5 carries a +1.2 pp effect
+    text = paths["report"].read_text()
+    for sp, r in cc.iterrows():
+        line = next(s for s in text.splitlines() if s.startswith("- ") and f"sparsity={sp:g} " in s
+                    and "fine-tune control" in s)
+        assert ("; equivalent within ±1.00 pp" in line) == bool(r["equivalent"])
+        assert ("not shown equivalent within ±1.00 pp" in line) == (not r["equivalent"])
+    # Welch where the design does not pair.
+    make_sweep(tmp_path, shared_prefix=False)
+    cw = pd.read_csv(write_report(tmp_path, figures=False, margin=0.01, costs=False)["comparisons"])
+    cw = cw.query("family == 'vs_control'").set_index("pipeline.sparsity")
+    a, c = _ok_values(trials, 0.7), _ok_values(trials, 0.0)
+    p, _, _ = ttost_ind(a, c, -0.01, 0.01, usevar="unequal")
+    assert cw.loc[0.7, "tost_test"] == "tost_welch" and cw.loc[0.7, "tost_p"] == pytest.approx(float(p), rel=1e-9)
+    # The percentile bootstrap sits beside the t-interval, seeded.
+    boot = stats.bootstrap_ci_diff(a, c, paired=False, seed=0)
+    assert (cw.loc[0.7, "boot_ci_low"], cw.loc[0.7, "boot_ci_high"]) == pytest.approx((boot.ci_low, boot.ci_high))
+
+
+def test_margin_from_the_study_and_bad_margins(tmp_path, capsys):
+    make_sweep(tmp_path)
+    _study_json(tmp_path, report={"margin": 0.02})
+    paths = write_report(tmp_path, figures=False, costs=False)
+    assert set(pd.read_csv(paths["comparisons"])["margin"]) == {0.02}
+    assert "margin ±2.00 pp (from study.json)" in paths["report"].read_text()
+    assert main([str(tmp_path), "--margin", "-1", "--no-costs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: margin") and "\n" not in err
+
+
+def _spec_for(seeds, epochs=EPOCHS) -> dict:
+    from dsdtune.config import StudySpec
+    return StudySpec.model_validate({
+        "name": "synthetic_dsd", "seeds": seeds,
+        "task": {"dataset": "synthetic", "dataset_args": {"num_train": 200, "input_shape": [20], "num_classes": 4},
+                 "model": "mlp", "model_args": {"widths": [32]}, "val_fraction": 0.1},
+        "pipeline": {"flow": "DSD", "epochs": list(epochs), "lr": [0.1, 0.01, 0.001]},
+        "search": {"space": {"pipeline.sparsity": {"grid": [0.0, 0.3, 0.5, 0.7]}}},
+        "control": {"pipeline.sparsity": 0.0}}).model_dump(mode="json")
+
+
+def test_costs_per_trial_from_the_stored_spec(tmp_path):
+    make_sweep(tmp_path)
+    _study_json(tmp_path, spec=_spec_for(SEEDS))
+    paths = write_report(tmp_path)
+    costs = pd.read_csv(paths["costs"])
+    trials = pd.read_csv(tmp_path / "trials.csv")
+    assert len(costs) == len(trials) and costs["cost_exact"].all()
+    sparsity = trials.set_index("trial_id")["pipeline.sparsity"]
+    dense = 2 * (20 * 32 + 32 * 4)  # Linear 20->32 (stays dense: first layer) and 32->4 (pruned)
+    for _, c in costs.iterrows():
+        kept = round(128 * (1 - sparsity[c["trial_id"]]))  # layer-wise magnitude keeps round(N d)
+        sparse = 2 * 20 * 32 + 2 * kept
+        assert c["training_flops"] == pytest.approx(3 * 180 * (4 * dense + 3 * sparse + 3 * dense))
+        assert c["training_flops_dense"] == pytest.approx(3 * 180 * 10 * dense)
+        assert c["inference_flops"] == dense  # DSD ends dense
+    summ = pd.read_csv(paths["summary"]).query("metric == 'final_test_acc'").set_index("pipeline.sparsity")
+    assert summ.loc[0.5, "training_flops"] == pytest.approx(3 * 180 * (7 * dense + 3 * (1280 + 128)))
+    text = paths["report"].read_text()
+    assert "## Cost" in text and "the resolved spec stored in study.json" in text
+    assert "fig_metric_vs_training_flops" in paths and paths["fig_metric_vs_training_flops"].stat().st_size > 10_000
+
+
+def test_costs_skipped_when_the_study_file_does_not_match(tmp_path):
+    make_sweep(tmp_path)
+    _study_json(tmp_path, name="sparsity_sweep")  # the shipped file has other sparsities and seeds
+    paths = write_report(tmp_path, figures=False)
+    assert "costs" not in paths
+    assert "Costs not computed: study.json stores no spec, and studies/sparsity_sweep.yaml differs" in \
+        paths["report"].read_text()
+
+
+def test_optuna_report_shows_confirm_seeds_and_counts_stopped(tmp_path):
+    _study_json(tmp_path, name="opt", search_alg="optuna", factors=["pipeline.lr", "pipeline.sparsity"],
+                control={"pipeline.sparsity": 0.0}, shared_prefix=False, seeds=[0],
+                confirm_seeds=list(range(1000, 1006)))
+    rows = [_trial(i, f"pipeline.lr={lr}", {"pipeline.lr": lr, "pipeline.sparsity": 0.5}, 0, 0.9, 0.91, status=st,
+                   val=val) for i, (lr, st, val) in enumerate([(0.05, "ok", 0.95), (0.2, "stopped", 0.97),
+                                                                (0.3, "stopped", None)])]
+    rng = np.random.default_rng(3)
+    for k, (arm, sp) in enumerate((("best", 0.5), ("control", 0.0))):
+        for s in range(1000, 1006):
+            rows.append(_trial(10 + 10 * k + s - 1000, arm, {"pipeline.lr": 0.05, "pipeline.sparsity": sp}, s, 0.88,
+                               0.9 + 0.003 * rng.standard_normal(), stage="confirm"))
+    pd.DataFrame(rows).to_csv(tmp_path / "trials.csv", index=False)
+    paths = write_report(tmp_path, costs=False)
+    text = paths["report"].read_text()
+    assert "**Seeds (search)**: 1 per searched configuration (0)" in text
+    assert "**Seeds (confirm)**: 6 fresh seeds per arm (1000, 1001, 1002, 1003, 1004, 1005); arms: control, best" in text
+    assert "3 in stage search: 1 ok, 2 stopped early, 0 diverged, 0 error" in text
+    assert "3 search trials (1 ok, 2 stopped early by the scheduler" in text
+    # A stopped trial's better-looking value (0.97) does not make its config the best.
+    assert "Best configuration by mean `final_val_acc`: **pipeline.lr=0.05" in text
+    summ = pd.read_csv(paths["summary"]).query("stage == 'sweep' and metric == 'final_test_acc'")
+    assert summ["n_stopped"].sum() == 2 and summ["n"].sum() == 1
+
+
+def test_learning_curves_shade_each_flow_its_own_phases(tmp_path):
+    from dsdtune.report import analyze, load_study
+    from dsdtune.report.figures import plot_curves
+    _study_json(tmp_path, factors=["variant", "pipeline.sparsity"], flow="DSD, DSDSD",
+                phase_labels=["D1", "S1", "D2", "S2", "D3"], shared_prefix=False)
+    rows, hist, tid = [], [], 0
+    layouts = {"x1": ["D1", "S1", "D2"], "x2": ["D1", "S1", "D2", "S2", "D3"]}
+    for variant, labels in layouts.items():
+        for sp in (0.0, 0.5):
+            for s in SEEDS[:3]:
+                rows.append(_trial(tid, f"variant={variant}, pipeline.sparsity={sp:g}",
+                                   {"variant": variant, "pipeline.sparsity": sp}, s, 0.8, 0.85 + 0.001 * s))
+                for e in range(1, 3 * len(labels) + 1):
+                    lab = labels[(e - 1) // 3]
+                    hist.append({"trial_id": tid, "epoch": e, "phase": (e - 1) // 3, "phase_label": lab,
+                                 "val_acc": 0.8, "test_acc": 0.8, "sparsity": 0.0})
+                tid += 1
+    pd.DataFrame(rows).to_csv(tmp_path / "trials.csv", index=False)
+    pd.DataFrame(hist).to_csv(tmp_path / "history.csv", index=False)
+    fig = plot_curves(analyze(load_study(tmp_path), costs=False))
+    top = [ax for ax in fig.axes if ax.get_title()]
+    assert sorted(ax.get_title() for ax in top) == ["phases D1 → S1 → D2", "phases D1 → S1 → D2 → S2 → D3"]
+    for ax in top:
+        shaded = [t.get_text() for t in ax.texts]
+        assert shaded == ax.get_title().removeprefix("phases ").split(" → ")
+
+
+def test_rank_summary_across_tasks(tmp_path):
+    _study_json(tmp_path, factors=["task.model", "init.weights"], control={"init.weights": "base"},
+                shared_prefix=False, flow="S", phase_labels=["S1"])
+    rng = np.random.default_rng(5)
+    offsets = {"base": 0.0, "eoi": 0.01, "ai": 0.004}
+    rows, tid = [], 0
+    for t_i, model in enumerate(["mlp", "conv1d", "lenet5", "gru", "resnet20", "vgg16"]):
+        for w, off in offsets.items():
+            for s in SEEDS[:3]:
+                rows.append(_trial(tid, f"task.model={model}, init.weights={w}", {"task.model": model, "init.weights": w},
+                                   s, 0.7, 0.7 + 0.02 * t_i + off + 0.001 * rng.standard_normal()))
+                tid += 1
+    trials = pd.DataFrame(rows)
+    trials.to_csv(tmp_path / "trials.csv", index=False)
+    paths = write_report(tmp_path, figures=False, costs=False)
+    means = trials.groupby(["task.model", "init.weights"])["final_test_acc"].mean().unstack()
+    table = means.loc[["mlp", "conv1d", "lenet5", "gru", "resnet20", "vgg16"], ["base", "eoi", "ai"]].to_numpy()
+    ref = stats.friedman_ranks(table)
+    ranks = pd.read_csv(paths["ranks"])
+    fr = ranks[ranks["kind"] == "friedman"].iloc[0]
+    assert fr["statistic"] == pytest.approx(ref.statistic) and fr["f_p"] == pytest.approx(ref.f_p_value)
+    methods = ranks[ranks["kind"] == "method"].set_index("method_a")
+    assert list(methods.loc[["init.weights=base", "init.weights=eoi", "init.weights=ai"], "average_rank"]) == \
+        pytest.approx(ref.average_ranks)
+    pairs = ranks[ranks["kind"] == "pair"]
+    wil = [stats.wilcoxon_signed_rank(table[:, i], table[:, j]).p_value for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert list(pairs["p"]) == pytest.approx(wil) and list(pairs["p_holm"]) == pytest.approx(stats.holm(wil).p_adjusted)
+    text = paths["report"].read_text()
+    assert "## Ranks across tasks" in text and "Iman-Davenport F" in text
+
+
+def test_costs_use_recorded_per_phase_densities(tmp_path):
+    trials = make_sweep(tmp_path, with_history=False)
+    spec = _spec_for(SEEDS)
+    spec["pipeline"]["criterion"] = "global_magnitude"  # per-layer densities depend on the weights
+    _study_json(tmp_path, spec=spec)
+    approx = pd.read_csv(write_report(tmp_path, figures=False)["costs"])
+    assert not approx.loc[approx["trial_id"] == 6, "cost_exact"].iloc[0]  # sparsity 0.3, nothing recorded
+    layers = [{"trial_id": t, "phase_label": "S1", "layer": "layers.2.weight", "density": 0.25}
+              for t in trials["trial_id"]]
+    pd.DataFrame(layers).to_csv(tmp_path / "layers.csv", index=False)
+    exact = pd.read_csv(write_report(tmp_path, figures=False)["costs"])
+    dense, s1 = 2 * (20 * 32 + 32 * 4), 2 * 20 * 32 + 0.25 * 2 * 32 * 4
+    assert exact["cost_exact"].all()
+    assert exact["training_flops"].to_numpy() == pytest.approx(3 * 180 * (7 * dense + 3 * s1))

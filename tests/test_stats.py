@@ -433,3 +433,106 @@ def test_results_are_frozen():
     r = S.welch_t_from_stats(7.89, 0.03, 16, 7.97, 0.04, 16)
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.p_value = 0.5  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- equivalence (TOST)
+
+
+def test_tost_paired_equals_statsmodels_and_hand_formula(rng):
+    from statsmodels.stats.weightstats import ttost_paired
+    a = rng.normal(0.66, 0.005, 8)
+    b = a + rng.normal(0.001, 0.002, 8)
+    r = S.tost_paired(a, b, margin=0.005)
+    p, (t1, p1, df1), (t2, p2, _) = ttost_paired(a, b, -0.005, 0.005)
+    assert r.status == "ok" and r.test == "tost_paired" and (r.n_a, r.n_b) == (8, 8)
+    assert r.p_value == pytest.approx(float(p), rel=1e-12)
+    assert (r.p_lower, r.p_upper) == pytest.approx((float(p1), float(p2)), rel=1e-12)
+    assert (r.t_lower, r.t_upper, r.df) == pytest.approx((float(t1), float(t2), 7.0), rel=1e-12)
+    d = a - b
+    se = d.std(ddof=1) / np.sqrt(8)
+    assert r.p_lower == pytest.approx(sps.t.sf((d.mean() + 0.005) / se, 7), rel=1e-9)
+    assert r.p_upper == pytest.approx(sps.t.cdf((d.mean() - 0.005) / se, 7), rel=1e-9)
+    # The 90% t-interval lies inside the margin exactly when TOST rejects at 0.05.
+    half = sps.t.ppf(0.95, 7) * se
+    assert r.confidence == pytest.approx(0.90)
+    assert (r.ci_low, r.ci_high) == pytest.approx((d.mean() - half, d.mean() + half), rel=1e-9)
+    assert (r.p_value < 0.05) == (-0.005 < r.ci_low and r.ci_high < 0.005)
+
+
+def test_tost_welch_equals_statsmodels_unequal_variances(rng):
+    from statsmodels.stats.weightstats import ttost_ind
+    a, b = samples(rng)
+    for margin in (0.005, 0.02, 0.05):
+        r = S.tost_welch(a, b, margin)
+        p, (t1, p1, df1), (t2, p2, _) = ttost_ind(a, b, -margin, margin, usevar="unequal")
+        assert r.status == "ok" and r.test == "tost_welch"
+        assert r.p_value == pytest.approx(float(p), rel=1e-12)
+        assert (r.p_lower, r.p_upper) == pytest.approx((float(p1), float(p2)), rel=1e-12)
+        assert r.df == pytest.approx(S.welch_t(a, b).df, rel=1e-9)  # Welch df, not n_a + n_b - 2
+        w90 = S.welch_t(a, b, confidence=0.90)
+        assert (r.ci_low, r.ci_high) == pytest.approx((w90.ci_low, w90.ci_high), rel=1e-12)
+        assert (r.p_value < 0.05) == (-margin < r.ci_low and r.ci_high < margin)
+    student, *_ = ttost_ind(a, b, -0.02, 0.02)  # statsmodels' default pools the variances
+    assert S.tost_welch(a, b, 0.02).p_value != pytest.approx(float(student), rel=1e-6)
+
+
+def test_tost_guards_and_bad_margin():
+    assert S.tost_welch([0.5], [0.5, 0.6], 0.01).status == "insufficient_n"
+    assert S.tost_paired([0.5, 0.5, 0.5], [0.4, 0.4, 0.4], 0.2).status == "no_variance"
+    r = S.tost_paired([0.5, NAN, 0.6, 0.7], [0.5, 0.6, 0.6, 0.69], 0.05)
+    assert r.status == "ok" and r.n_a == 3 and "incomplete pair" in r.note
+    for bad in (0.0, -0.01, NAN, math.inf):
+        with pytest.raises(ValueError, match="margin"):
+            S.tost_paired([0.1, 0.2], [0.1, 0.3], bad)
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_seeded_and_close_to_t_interval_for_large_n(rng):
+    a, b = rng.normal(0.9, 0.01, 300), rng.normal(0.89, 0.02, 300)
+    r1 = S.bootstrap_ci_diff(a, b, paired=False, seed=7)
+    r2 = S.bootstrap_ci_diff(a, b, paired=False, seed=7)
+    assert r1 == r2 and r1.status == "ok" and r1.ci_low < a.mean() - b.mean() < r1.ci_high
+    w = S.welch_t(a, b)
+    assert r1.ci_low == pytest.approx(w.ci_low, abs=0.15 * (w.ci_high - w.ci_low))
+    assert r1.ci_high == pytest.approx(w.ci_high, abs=0.15 * (w.ci_high - w.ci_low))
+    p = S.bootstrap_ci_diff(a, a - 0.001 + rng.normal(0, 0.001, 300), paired=True, seed=1)
+    t = S.paired_t(a, a - 0.001 + rng.normal(0, 0.001, 300))
+    assert p.status == "ok" and p.paired and 0.0005 < p.ci_low < 0.001 < p.ci_high < 0.0015
+    assert t.ok
+    assert S.bootstrap_ci_diff(a, b, paired=False, seed=8) != r1  # the seed matters
+
+
+def test_bootstrap_guards():
+    assert S.bootstrap_ci_diff([0.5], [0.4, 0.3], paired=False).status == "insufficient_n"
+    assert S.bootstrap_ci_diff([0.5, 0.5], [0.4, 0.4], paired=False).status == "no_variance"
+    assert S.bootstrap_ci_diff([0.5, 0.6], [0.4, 0.5], paired=True).status == "no_variance"
+
+
+# ----------------------------------------------------------------------------- Friedman
+
+
+def test_friedman_iman_davenport_hand_computed():
+    # Ranks (1 = best): [1,2,3], [2,1,3], [1,3,2], [1,2,3] -> rank sums 5, 8, 11.
+    table = [[0.90, 0.80, 0.70], [0.85, 0.86, 0.70], [0.90, 0.70, 0.80], [0.95, 0.90, 0.60]]
+    r = S.friedman_ranks(table)
+    assert r.status == "ok" and (r.n_blocks, r.k) == (4, 3)
+    assert r.average_ranks == pytest.approx([1.25, 2.0, 2.75])
+    # chi2 = 12 / (N k (k+1)) * sum R^2 - 3 N (k+1) = 0.25 * 210 - 48
+    assert r.statistic == pytest.approx(4.5)
+    assert r.p_value == pytest.approx(math.exp(-2.25))  # chi2 with 2 df: sf = exp(-x/2)
+    assert r.f_statistic == pytest.approx(3 * 4.5 / (8 - 4.5))
+    assert (r.df_num, r.df_den) == (2.0, 6.0)
+    assert r.f_p_value == pytest.approx((1 + 2 * r.f_statistic / 6) ** -3)  # F(2, d2) closed form
+    low = S.friedman_ranks([[-v for v in row] for row in table], higher_is_better=False)
+    assert low.average_ranks == pytest.approx(r.average_ranks)
+
+
+def test_friedman_guards():
+    assert S.friedman_ranks([[0.9, 0.8], [0.7, 0.6]]).status == "insufficient_n"
+    assert S.friedman_ranks([[0.5, 0.5, 0.5], [0.4, 0.4, 0.4]]).status == "no_variance"
+    same = S.friedman_ranks([[3, 2, 1], [3, 2, 1], [6, 5, 4]])
+    assert same.f_statistic == math.inf and same.f_p_value == 0.0
+    with pytest.raises(ValueError, match="missing"):
+        S.friedman_ranks([[0.9, NAN, 0.8], [0.7, 0.6, 0.5]])

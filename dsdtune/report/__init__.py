@@ -1,0 +1,37 @@
+"""Study report: per-arm tables, comparisons with the control and the baseline, figures, report.md.
+
+    python -m dsdtune.report results/<study> [--metric final_test_acc] [--control "pipeline.sparsity=0"]
+                             [--margin 0.005] [--out DIR]
+
+or `write_report(study_dir)` from the study runner. Reads the files a study writes (study.json,
+trials.csv; optionally history.csv, layers.csv, weights.csv) and writes summary.csv,
+comparisons.csv, costs.csv, report.md and PNG figures. Every statistic (mean, SD, CI, tests, effect
+sizes, corrections, power) comes from `dsdtune.stats` and every FLOP count from `dsdtune.cost`; this
+package only selects, pairs and renders.
+
+Modules: `load` (the files), `arms` (trials -> arms, metrics), `compare` (control matching, tests,
+the analysis), `costs` (per-trial parameters and FLOPs), `text` (numbers and sentences), `figures`,
+`markdown` (report.md), `output` (write_report), `cli`.
+
+Rules (report.md states them too):
+- Only trials with status "ok" and a finite metric value enter means and tests. Diverged and
+  failed trials are counted in the n columns, never silently dropped. Any status other than "ok" or
+  "diverged" counts as "error".
+- An arm is one combination of the factor columns (study.json "factors"); repeats differ in seed.
+- Control matching: the control arms are those whose factors equal the control values. Each other
+  arm is compared with the control arm that agrees with it on every remaining factor that varies
+  among the control arms (e.g. sparsity 0 within the same init scheme); factors constant among the
+  control arms are not matched (one shared control). No such arm -> the comparison is skipped with a
+  sentence. Without a control the reference is the arm best on validation, flagged as post hoc.
+- Paired t (by seed) where study.json shared_prefix is true and the paired trials share prefix_id;
+  Welch t otherwise. Holm within each family (arms vs control; arms vs their own baseline), with
+  its size m; BH alongside.
+- Optuna studies (or any study with stage "confirm" rows): the sweep selects the best config on the
+  validation metric only; the confirm rows are what is summarized and compared.
+"""
+from .cli import main
+from .compare import analyze, parse_control
+from .load import StudyError, load_study
+from .output import write_report
+
+__all__ = ["StudyError", "write_report", "load_study", "analyze", "parse_control", "main"]

@@ -1,0 +1,192 @@
+"""Trials grouped into arms, factor values compared canonically, and which metric means what."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .load import Study, StudyError
+
+
+# ------------------------------------------------------------------------------ arms & values
+
+
+def is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, (float, np.floating)) and math.isnan(v))
+
+
+def as_number(v: Any) -> float | None:
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def canon(v: Any) -> str:
+    """Canonical text of a factor value, so 0, 0.0 and "0" are one level."""
+    if is_missing(v):
+        return "NA"
+    x = as_number(v)
+    if x is not None:
+        return f"{x:.12g}"
+    return str(v).strip().lower()
+
+
+def same(a: Any, b: Any) -> bool:
+    return canon(a) == canon(b)
+
+
+def fmt_level(v: Any) -> str:
+    if is_missing(v):
+        return "NA"
+    x = as_number(v)
+    return f"{x:g}" if x is not None and not isinstance(v, str) else str(v)
+
+
+def sort_key(v: Any) -> tuple:
+    if is_missing(v):
+        return (2, 0.0, "")
+    x = as_number(v)
+    return (0, x, "") if x is not None else (1, 0.0, str(v))
+
+
+@dataclass
+class Arm:
+    """One factor combination within one stage; rows are all its trials, whatever their status."""
+
+    key: str
+    label: str
+    factors: dict[str, Any]
+    rows: pd.DataFrame
+
+    def ok_rows(self, metric: str) -> pd.DataFrame:
+        """Trials with status ok and a finite metric value."""
+        vals = pd.to_numeric(self.rows[metric], errors="coerce") if metric in self.rows else None
+        if vals is None:
+            return self.rows.iloc[0:0]
+        keep = (self.rows["status"] == "ok") & np.isfinite(vals.to_numpy(dtype=float))
+        out = self.rows[keep].copy()
+        out[metric] = vals[keep].astype(float)
+        return out
+
+    def values(self, metric: str) -> np.ndarray:
+        return self.ok_rows(metric)[metric].to_numpy(dtype=float) if metric in self.rows else np.array([])
+
+    def count(self, status: str) -> int:
+        return int((self.rows["status"] == status).sum())
+
+
+def group_arms(df: pd.DataFrame, factors: list[str]) -> list[Arm]:
+    """Group trials into arms by their factor values (by the arm label when there are no factors)."""
+    if df.empty:
+        return []
+    keys = (df[factors].apply(lambda r: "|".join(canon(v) for v in r), axis=1)
+            if factors else df["arm"].astype(str) if "arm" in df.columns else pd.Series("all", index=df.index))
+    arms = []
+    for key, rows in df.groupby(keys, sort=False):
+        first = rows.iloc[0]
+        levels = {f: first[f] for f in factors}
+        label = first.get("arm") if "arm" in rows.columns else None
+        if is_missing(label) or not str(label).strip():
+            label = ", ".join(f"{f}={fmt_level(v)}" for f, v in levels.items()) or "all trials"
+        arms.append(Arm(str(key), str(label), levels, rows))
+    arms.sort(key=lambda a: tuple(sort_key(a.factors[f]) for f in factors) + (a.label,))
+    return arms
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+@dataclass
+class MetricInfo:
+    """How to read and show a metric."""
+
+    name: str
+    higher_is_better: bool
+    is_acc: bool
+
+    @property
+    def scale(self) -> float:
+        return 100.0 if self.is_acc else 1.0
+
+    @property
+    def unit(self) -> str:
+        return "%" if self.is_acc else ""
+
+    @property
+    def diff_unit(self) -> str:
+        return " pp" if self.is_acc else ""
+
+    def describe_name(self) -> str:
+        """Plain words for the usual column names (final_test_acc -> test accuracy at the end)."""
+        m = re.fullmatch(r"final_(val|test)_(acc|loss)", self.name)
+        if m:
+            return (f"{'validation' if m[1] == 'val' else 'test'} "
+                    f"{'accuracy' if m[2] == 'acc' else 'loss'} at the end")
+        m = re.fullmatch(r"(val_)?acc_after_(.+)", self.name)
+        if m:
+            return f"{'validation' if m[1] else 'test'} accuracy after {m[2]}"
+        return self.name
+
+
+def metric_info(name: str, meta: dict) -> MetricInfo:
+    low = name.lower()
+    higher = not any(s in low for s in ("loss", "err", "wer", "perplex", "time"))
+    if name in (f"final_{meta.get('metric')}", meta.get("metric")) and meta.get("mode") in ("max", "min"):
+        higher = meta.get("mode") == "max"
+    return MetricInfo(name, higher, "acc" in low)
+
+
+def _numeric_columns(df: pd.DataFrame) -> list[str]:
+    skip = {"trial_id", "seed", "epochs_trained", "wall_time_s"}
+    return [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
+
+
+def resolve_metric(study: Study, metric: str | None) -> str:
+    cols = study.trials.columns
+    if metric is None:
+        test = str(study.meta.get("test_metric") or "test_acc")
+        for cand in (f"final_{test}", test, "final_test_acc"):
+            if cand in cols:
+                return cand
+        raise StudyError("trials.csv has no final_test_acc column; choose one with --metric "
+                         f"(numeric columns: {', '.join(_numeric_columns(study.trials)) or 'none'})")
+    if metric not in cols:
+        raise StudyError(f"metric {metric!r} is not a column of trials.csv; numeric columns: "
+                         f"{', '.join(_numeric_columns(study.trials)) or 'none'}")
+    return metric
+
+
+def val_metric(study: Study) -> str | None:
+    """The searched (validation) metric's column, used for selection; never a test column."""
+    m = str(study.meta.get("metric") or "val_acc")
+    for cand in (f"final_{m}", m, "final_val_acc"):
+        if cand in study.trials.columns and "test" not in cand:
+            return cand
+    return None
+
+
+def baseline_column(study: Study, metric: str) -> str | None:
+    """Per-trial baseline (end of the first D phase) in the same kind as the metric, if any."""
+    if not study.flow.upper().startswith("D") or len(study.phase_labels) < 2:
+        return None
+    first = study.phase_labels[0]
+    if metric.startswith("final_val_acc") or metric.startswith("val_acc_after_"):
+        col = f"val_acc_after_{first}"
+    elif metric == "final_test_acc" or metric.startswith("acc_after_"):
+        col = f"acc_after_{first}"
+    else:
+        return None
+    return col if col in study.trials.columns and col != metric else None
+
+

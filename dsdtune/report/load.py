@@ -1,0 +1,226 @@
+"""Reading a results/<study>/ directory: study.json, trials.csv and the optional CSVs."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+STATUSES = ("ok", "diverged", "stopped", "error")
+
+
+class StudyError(Exception):
+    """A problem with the study directory or the options (one line, for the CLI)."""
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+@dataclass
+class Study:
+    """The files of one results/<study>/ directory, read and lightly normalized."""
+
+    dir: Path
+    meta: dict[str, Any]
+    trials: pd.DataFrame
+    history: pd.DataFrame | None
+    layers: pd.DataFrame | None
+    weights: pd.DataFrame | None
+    factors: list[str]  # factor columns present in trials.csv
+    phase_labels: list[str]
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or self.dir.name)
+
+    @property
+    def flow(self) -> str:
+        return str(self.meta.get("flow") or "")
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame | None:
+    """An optional CSV, or None when it is absent, empty or lacks a required column."""
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        return None
+    if df.empty or any(c not in df.columns for c in required):
+        return None
+    return df
+
+
+def load_study(study_dir: str | os.PathLike) -> Study:
+    """Read a results directory; StudyError with a one-line message when it is not one."""
+    d = Path(study_dir)
+    if not d.is_dir():
+        raise StudyError(f"{d} is not a directory; pass results/<study> as written by dsdtune.study")
+    meta_path, trials_path = d / "study.json", d / "trials.csv"
+    if not meta_path.is_file():
+        raise StudyError(f"{meta_path} is missing; is {d} a study results directory?")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StudyError(f"{meta_path} is not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(meta, dict):
+        raise StudyError(f"{meta_path} must hold a JSON object")
+    if not trials_path.is_file():
+        raise StudyError(f"{trials_path} is missing; the study has not written any trials yet")
+    try:
+        trials = pd.read_csv(trials_path)
+    except pd.errors.EmptyDataError:
+        raise StudyError(f"{trials_path} is empty; the study has not written any trials yet") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise StudyError(f"{trials_path} cannot be parsed as CSV ({exc})") from None
+    if "trial_id" not in trials.columns:
+        raise StudyError(f"{trials_path} has no trial_id column; not a dsdtune trials table")
+
+    trials = trials.copy()
+    if "stage" in trials.columns:
+        # Prefix-stage rows are shared starting points (e.g. the dense baseline per seed), not
+        # trials of an arm: their numbers reach the report as each trial's acc_after_<phase>.
+        trials = trials[trials["stage"].astype(str) != "prefix"].reset_index(drop=True)
+    if "status" not in trials.columns:
+        trials["status"] = "ok"
+    # Anything but ok/diverged (failed, missing, unknown) is counted as an error.
+    status = trials["status"].astype(str).str.strip().str.lower()
+    # "stopped" (ended early by ASHA in a search) is neither a failure nor a finished trial.
+    trials["status"] = status.where(status.isin(["ok", "diverged", "stopped"]), "error")
+    if "stage" not in trials.columns:
+        trials["stage"] = "sweep"
+    trials["stage"] = trials["stage"].fillna("sweep").astype(str)
+    if "seed" not in trials.columns:
+        trials["seed"] = np.arange(len(trials))
+    factors = [f for f in (meta.get("factors") or []) if f in trials.columns]
+    labels = [str(x) for x in (meta.get("phase_labels") or [])]
+    return Study(
+        dir=d,
+        meta=meta,
+        trials=trials,
+        history=_read_csv(d / "history.csv", ["trial_id", "epoch"]),
+        layers=_read_csv(d / "layers.csv", ["trial_id", "layer", "density"]),
+        weights=_read_csv(d / "weights.csv", ["trial_id", "phase_label", "bin_left", "bin_right", "count"]),
+        factors=factors,
+        phase_labels=labels,
+    )
+
+
+
+
+# ------------------------------------------------------------------------------- the study's spec
+
+
+@dataclass
+class SpecSource:
+    """The study's resolved spec, if the report can know it, and where it came from (a sentence)."""
+
+    spec: Any  # dsdtune.config.StudySpec | None
+    description: str
+
+
+def study_spec(study: Study, studies_dir: str | os.PathLike | None = None) -> SpecSource:
+    """The resolved StudySpec: study.json "spec" when the runner stored it, else the study file of
+    the same name if it reproduces what study.json recorded (flow, phases, factors, seeds, epochs).
+
+    The fallback cannot see `--set` overrides that leave those fields alone (e.g. model widths);
+    the report says which source it used.
+    """
+    from dsdtune.config import SpecError, StudySpec, load_study as load_study_file
+
+    stored = study.meta.get("spec")
+    if isinstance(stored, dict):
+        try:
+            return SpecSource(StudySpec.model_validate(stored), "the resolved spec stored in study.json")
+        except ValueError as exc:
+            return SpecSource(None, f"study.json's spec does not validate ({str(exc).splitlines()[0]})")
+    try:
+        spec = load_study_file(study.name, studies_dir=studies_dir)
+    except SpecError as exc:
+        return SpecSource(None, f"study.json stores no spec and the study file is unusable ({exc})")
+    mismatch = _spec_mismatch(study, spec)
+    if mismatch:
+        return SpecSource(None, f"study.json stores no spec, and studies/{study.name}.yaml differs from "
+                                f"this run ({mismatch}), so it was not used")
+    return SpecSource(spec, f"studies/{study.name}.yaml (study.json stores no spec; it matches this run's "
+                            "flow, phases, factors, seeds and epochs, but overrides of other fields "
+                            "would not show)")
+
+
+def _spec_mismatch(study: Study, spec: Any) -> str:
+    """What the study file contradicts in study.json, or ''."""
+    from dsdtune.pipeline import expand_phases
+
+    meta = study.meta
+    if meta.get("seeds") is not None and list(meta["seeds"]) != spec.seed_list:
+        return "seeds"
+    space = list(spec.search.space)
+    if spec.search.algorithm == "optuna" and spec.confirm:
+        space += [k for k in spec.confirm.control if k not in space]
+    expected = (["variant"] if spec.variants else []) + space
+    if meta.get("factors") is not None and list(meta["factors"]) != expected:
+        return "factors"
+    runs = arm_run_specs(study, spec)
+    if runs is None:
+        return "arms"
+    flows = list(dict.fromkeys(r.pipeline.flow for r in runs.values())) or [spec.pipeline.flow]
+    # Compared as sets: the runner lists flows and labels in its arm order, trials.csv in label order.
+    if meta.get("flow") and set(flows) != set(str(meta["flow"]).split(", ")) and spec.search.algorithm != "optuna":
+        return "flow"
+    if spec.search.algorithm == "optuna":
+        if meta.get("flow") != spec.pipeline.flow:
+            return "flow"
+        return ""
+    labels = list(dict.fromkeys(p.label for r in runs.values() for p in expand_phases(r.pipeline)))
+    if meta.get("phase_labels") is not None and set(meta["phase_labels"]) != set(labels):
+        return "phase labels"
+    total = meta.get("epochs_without_sharing")
+    if total is not None:
+        planned = sum(sum(p.epochs for p in expand_phases(r.pipeline)) for r in runs.values()) * len(spec.seed_list)
+        if planned != total:
+            return f"epochs: {planned} planned by the file, {total} in study.json"
+    return ""
+
+
+def arm_assignments(row: Any, factors: Sequence[str], spec: Any) -> dict[str, Any]:
+    """The dotted-path values that make a trial's run spec from the study's base spec."""
+    assign: dict[str, Any] = {}
+    if "variant" in factors:
+        assign.update((spec.variants or {}).get(str(row["variant"]), {}))
+    for f in factors:
+        if f != "variant" and f.split(".")[0] in ("task", "init", "pipeline"):
+            value = row[f]
+            if isinstance(value, (np.integer, np.floating, np.bool_)):
+                value = value.item()
+            if isinstance(value, float) and value.is_integer() and _is_int_field(spec, f):
+                value = int(value)
+            assign[f] = value
+    return assign
+
+
+def _is_int_field(spec: Any, path: str) -> bool:
+    from dsdtune.config import get_by_path
+    try:
+        return isinstance(get_by_path(spec.base_run(), path), int)
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+def arm_run_specs(study: Study, spec: Any) -> dict[str, Any] | None:
+    """One run spec (seed of the arm's first trial) per distinct factor combination in trials.csv,
+    keyed by the trials' arm label; None when a trial's values do not make a valid spec."""
+    from dsdtune.config import SpecError, build_run_spec
+
+    runs: dict[str, Any] = {}
+    t = study.trials
+    for _, row in t.drop_duplicates([*study.factors] or ["arm"]).iterrows() if not t.empty else []:
+        try:
+            runs[str(row.get("arm", ""))] = build_run_spec(spec.base_run(), arm_assignments(row, study.factors, spec),
+                                                           int(row["seed"]))
+        except (SpecError, KeyError, ValueError):
+            return None
+    return runs
