@@ -376,7 +376,7 @@ def load_study(source: Union[str, Path], overrides: list[str] = (), studies_dir:
 
 
 # Fields that change how a study runs, not what it computes: a resumed study may change them.
-RUN_ONLY_FIELDS = ("description", "max_concurrent", "max_failures", "checkpoint_every_s", "storage")
+RUN_ONLY_FIELDS = ("description", "max_concurrent", "max_failures", "checkpoint_every_s", "storage", "report")
 
 
 def study_identity(spec: StudySpec) -> dict:
