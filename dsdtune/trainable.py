@@ -25,6 +25,10 @@ from .config import build_run_spec
 from .pipeline import Pipeline, prefix_id
 
 STATE_FILE = "pipeline_state.pt"
+# Without a scheduler a trial reports at phase ends, checkpoints and at most every REPORT_EVERY_S
+# seconds, each report carrying the epochs since the last one: every report is a round trip through
+# the driver, which with short epochs costs as much as the training (schedulers get every epoch).
+REPORT_EVERY_S = 2.0
 _GAUGES: dict[str, Any] = {}
 
 
@@ -127,9 +131,13 @@ def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> 
     extras = {"prefix_id": my_prefix, "started_from": started_from, "role": role,
               "node_id": ray.get_runtime_context().get_node_id()}
     stop_file = study.get("stop_file") or ""
+    every_epoch = bool(study.get("report_every_epoch"))
+    unreported: list[dict] = []  # the epochs since the last report
+    last_report = time.monotonic()
 
     def on_epoch(metrics: dict, pipe: Pipeline) -> None:
-        nonlocal last_checkpoint
+        nonlocal last_checkpoint, last_report
+        unreported.append(dict(metrics))
         report = dict(metrics)
         report.update(pipe.phase_end)
         report.update(extras)
@@ -150,12 +158,18 @@ def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> 
             gauges["sparsity"].set(metrics["sparsity"], tags=tags)
         gauges["val_metric"].set(report[metric], tags=tags)
         at_boundary = pipe.epoch_in_phase == 0  # a phase just ended
+        due = time.monotonic() - last_checkpoint >= study["checkpoint_every_s"]
+        stop_requested = bool(stop_file) and os.path.exists(stop_file)  # the driver is stopping the study
+        if not (every_epoch or at_boundary or due or finished or stop_requested
+                or time.monotonic() - last_report >= REPORT_EVERY_S):
+            return
+        report["history_json"] = json.dumps(unreported)
+        unreported.clear()
+        last_report = time.monotonic()
         if (stores_prefix and at_boundary and pipe.phase_index == length and pipe.status != "diverged"
                 and not prefix_stored(study["prefix_root"], my_prefix)):
             store_prefix(study["prefix_root"], my_prefix, pipe.state_dict())  # before the report that says so
             report["prefix_stored"] = my_prefix
-        due = time.monotonic() - last_checkpoint >= study["checkpoint_every_s"]
-        stop_requested = bool(stop_file) and os.path.exists(stop_file)  # the driver is stopping the study
         if (at_boundary or due or finished or stop_requested) and pipe.status != "diverged":
             directory = tempfile.mkdtemp(prefix="dsdtune-ckpt-")  # fresh for every checkpoint
             try:

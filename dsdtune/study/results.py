@@ -28,6 +28,18 @@ def trial_status(result, interrupted: bool) -> str:
     return "interrupted" if interrupted else "stopped"
 
 
+def reported_epochs(result) -> list[dict]:
+    """Every epoch a trial reported, in order: each report carries the epochs since the previous one."""
+    frame = result.metrics_dataframe
+    if frame is None or frame.empty:
+        return []
+    epochs = []
+    for row in frame.to_dict("records"):
+        text = row.get("history_json")
+        epochs += json.loads(text) if isinstance(text, str) else [row]
+    return epochs
+
+
 def _history_rows(trial_id: str, own: list[dict], before: list[dict]) -> list[dict]:
     """Exactly one row per epoch, epochs strictly increasing.
 
@@ -76,8 +88,7 @@ def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str
             if key.startswith(("acc_after_", "val_acc_after_")):
                 row[key] = value
         trials.append(row)
-        frame = result.metrics_dataframe
-        own = [] if frame is None or status in ("prefix_diverged", "prefix_error") else frame.to_dict("records")
+        own = [] if status in ("prefix_diverged", "prefix_error") else reported_epochs(result)
         before = prefix_histories.get(row["prefix_id"], []) if metrics.get("role") == "dependent" else []
         histories += _history_rows(trial_id, own, before)
         for name, density in json.loads(metrics.get("layer_densities_json") or "{}").items():
@@ -132,9 +143,9 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
     prefix_histories = {}
     for results in stages.values():
         for result in results:
-            metrics, frame = result.metrics or {}, result.metrics_dataframe
-            if metrics.get("role") == "rep" and metrics.get("prefix_id") and frame is not None:
-                rows = [h for h in frame.to_dict("records") if h.get("epoch", 0) <= plan.prefix_epochs]
+            metrics = result.metrics or {}
+            if metrics.get("role") == "rep" and metrics.get("prefix_id"):
+                rows = [h for h in reported_epochs(result) if h.get("epoch", 0) <= plan.prefix_epochs]
                 prefix_histories.setdefault(metrics["prefix_id"], rows)
     trials, histories, layers, weights = [], [], [], []
     for stage, results in stages.items():

@@ -71,7 +71,8 @@ def _study_payload(spec: StudySpec, plan: Plan, arms: list[Arm], ray_storage: st
             "arms": {a.label: a.assign for a in arms}, "seeds": plan.seeds, "metric": spec.metric,
             "mode": spec.mode, "cpus_per_trial": spec.resources.cpu, "gpus_per_trial": spec.resources.gpu,
             "checkpoint_every_s": spec.checkpoint_every_s, "prefix_length": plan.prefix_length,
-            "prefix_root": prefix_root(ray_storage), "stop_file": stop_file}
+            "prefix_root": prefix_root(ray_storage), "stop_file": stop_file,
+            "report_every_epoch": spec.scheduler.kind != "none"}
 
 
 def prefix_root(ray_storage: str) -> str:
