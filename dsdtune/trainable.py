@@ -18,6 +18,7 @@ import ray
 import torch
 from ray import tune
 
+from . import plugins
 from .config import build_run_spec
 from .pipeline import Pipeline, prefix_id
 
@@ -55,6 +56,7 @@ def _load_checkpoint(pipeline: Pipeline, checkpoint: tune.Checkpoint) -> None:
 def run_trial(config: dict, *, study: dict, prefix_length: int, prefixes: Optional[dict] = None,
               stage: str = "sweep") -> None:
     """Train one trial. `stage="prefix"` trains only the first `prefix_length` phases."""
+    plugins.install(study.get("plugins"))  # the driver's search folders and registered models/datasets
     if "prefix" in config:  # stage "prefix": a representative trial of the prefix
         assignments, seed = study["arms"][config["prefix"]["arm"]], config["prefix"]["seed"]
     elif "arm" in config:  # grid arms x seeds

@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..config import SpecError, default_studies_dir, load_study
+from .. import plugins
+from ..config import SpecError, default_studies_dir, load_study, resolve_study_path
 from .plan import confirm_arms, describe_plan, make_plan
 from .results import write_results
+from .tasks import check_tasks, describe_tasks, distinct_runs
 from .validate import check_control, check_gpu, check_storage, prepare_datasets
 
 
@@ -51,11 +53,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         spec = load_study(args.study, args.set)
+        # A user's model / dataset modules are imported from the study file's folder and the cwd.
+        plugins.add_search_paths(plugins.study_search_paths(resolve_study_path(args.study)))
         results_dir, ray_storage = check_storage(spec, Path(args.results))
         plan = make_plan(spec)
         check_control(spec)
         if args.dry_run:
             print(describe_plan(spec, plan))
+            print(describe_tasks(spec, plan))
             return 0
         check_gpu(spec, args.address)
         state_dir = Path(ray_storage) if "://" not in ray_storage else None
@@ -63,6 +68,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise SpecError(f"{results_dir} already holds a run of this study: add --resume to continue it, or "
                             f"--fresh to discard its Ray state and start over")
         prepare_datasets(spec, plan)
+        check_tasks(spec, plan)
+        runtime_env = plugins.runtime_env([name for run in distinct_runs(spec, plan)
+                                           for name in (run.task.model, run.task.dataset)], bool(args.address))
     except SpecError as err:
         print(f"dsdtune: {err}", file=sys.stderr)
         return 2
@@ -72,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     from .run import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, connect, grid_stages, optuna_stages
-    ray, owned = connect(args.address, args.dashboard_host, args.num_cpus)
+    ray, owned = connect(args.address, args.dashboard_host, args.num_cpus, runtime_env)
     try:
         stages: dict[str, list] = {}
         arms = list(plan.arms)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .. import plugins
 from ..config import StudySpec
 from .plan import Arm, Plan, confirm_arms, plan_for_arms
 
@@ -19,17 +20,20 @@ STAGE_PREFIX, STAGE_SWEEP, STAGE_SEARCH, STAGE_CONFIRM = "prefix", "sweep", "sea
 
 
 
-def connect(address: Optional[str], dashboard_host: str, num_cpus: Optional[int]):
-    """Start or join Ray; returns (ray, whether we own the connection and must shut it down)."""
+def connect(address: Optional[str], dashboard_host: str, num_cpus: Optional[int], runtime_env: Optional[dict] = None):
+    """Start or join Ray; returns (ray, whether we own the connection and must shut it down).
+
+    `runtime_env` carries a user's model / dataset modules to the workers (`plugins.runtime_env`).
+    """
     os.environ["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "token")
     import ray
     if ray.is_initialized():  # called from a notebook or a test that already connected
         return ray, False
     if address:
-        ctx = ray.init(address=address, log_to_driver=True)
+        ctx = ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
         ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
-                       dashboard_host=dashboard_host)
+                       dashboard_host=dashboard_host, runtime_env=runtime_env)
     url = ctx.dashboard_url
     if url:
         token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
@@ -47,7 +51,7 @@ def _study_payload(spec: StudySpec, plan: Plan, arms: list[Arm]) -> dict:
     return {"name": spec.name, "base": _absolute_data_dir(spec.base_run()),
             "arms": {a.label: a.assign for a in arms}, "seeds": plan.seeds, "metric": spec.metric,
             "mode": spec.mode, "cpus_per_trial": spec.resources.cpu, "gpus_per_trial": spec.resources.gpu,
-            "checkpoint_every_s": spec.checkpoint_every_s}
+            "checkpoint_every_s": spec.checkpoint_every_s, "plugins": plugins.worker_payload()}
 
 
 def _absolute_data_dir(base: dict) -> dict:
