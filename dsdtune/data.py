@@ -1,4 +1,4 @@
-"""Dataset registry: every dataset becomes train/val/test tensors already on the training device.
+"""Dataset registry: every dataset becomes train/val/test tensors on the training device, or streams.
 
 Small datasets fit on the device, so batching is index slicing (`batch_indices`) and augmentation
 is a batched tensor op (`augment_images`), not a DataLoader.
@@ -8,6 +8,12 @@ then carves a fixed validation split out of the training data, moves everything 
 normalizes with the training split's per-channel mean and std. Raw data are cached in-process
 (a Ray worker running many trials loads a dataset once) and, where generating or converting is
 slow, on disk under `data_dir`.
+
+A dataset may also be a user's (`module:function` or `dsdtune.register_dataset`), returning tensors
+(treated like a built-in's) or torch Datasets. Datasets, and any dataset with `stream`, go through
+a `StreamingDataset`: a DataLoader with workers and pinned memory that fetches exactly the index
+batches the tensor path would slice, in the same order, so pairing and bit-exact resume hold on
+both paths. A user's Datasets are not normalized by dsdtune: their transforms are theirs.
 """
 from __future__ import annotations
 

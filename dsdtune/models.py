@@ -1,9 +1,12 @@
 """Model registry: `build_model(name, input_shape, num_classes, **model_args)`.
 
-Input shape and class count come from the dataset. Every model keeps its own initialization
-(PyTorch defaults, or He init where the original paper used it): that is the "base" init that
-sparse init schemes mask or replace. The first prunable layer is always the first one registered,
-so `prunable_weights(exclude_first=True)` leaves the input layer dense.
+A name is a built-in (below), `torchvision:<name>` (with `weights` in model_args for pretrained
+tensors), a name given to `dsdtune.register_model`, or a user's `module:function` (see
+`dsdtune.plugins`). Input shape and class count come from the dataset. Every model keeps its own
+initialization (PyTorch defaults, or He init where the original paper used it): that is the "base"
+init that sparse init schemes mask or replace, unless `init.checkpoint` loads trained weights
+(`load_init_checkpoint`). The first prunable layer is always the first one registered, so
+`prunable_weights(exclude_first=True)` leaves the input layer dense.
 """
 from __future__ import annotations
 

@@ -155,6 +155,27 @@ def test_misspelt_module_or_factory_is_one_line_exit_2(tmp_path, capsys, monkeyp
     assert not results.exists()  # before Ray, nothing written
 
 
+@pytest.mark.parametrize("source,words", [
+    ("def net(input_shape, num_classes):\n    return nn.Sequential(nn.Linear(input_shape[0], 4), nn.Linear(4, 7))\n",
+     ["returns [2, 7]", "[2, 3]"]),
+    ("def net(input_shape, num_classes):\n    return nn.Sequential(nn.Linear(5, 4), nn.Linear(4, num_classes))\n",
+     ["fails on a batch", "[2, 6]"]),
+])
+def test_a_model_that_does_not_fit_the_data_is_one_line(tmp_path, capsys, monkeypatch, source, words):
+    (tmp_path / "umodel.py").write_text("from torch import nn\n" + source)
+    (tmp_path / "udata.py").write_text(DATA_SOURCE)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "task": {"dataset": "udata:blobs",
+                                                                          "model": "umodel:net"},
+                                                     "pipeline": {"flow": "D", "epochs": 1}, "seeds": 1}))
+    monkeypatch.setattr(plugins, "_SEARCH_PATHS", [])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert main([str(tmp_path / "s.yaml"), "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dsdtune: task.model: umodel:net "), err
+    for word in words:
+        assert word in err, err
+
+
 def prune_spec(checkpoint, **pipeline):
     spec = run_spec(task__dataset="synthetic", task__model="mlp")
     spec["task"]["dataset_args"] = {"num_train": 200, "num_test": 50, "input_shape": [12], "num_classes": 4}

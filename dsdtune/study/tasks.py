@@ -31,10 +31,30 @@ def check_tasks(spec: StudySpec, plan: Plan) -> None:
     from ..data import DatasetUnavailable
     from ..pipeline import Pipeline
     for run in distinct_runs(spec, plan):
+        run.task.loader_workers = 0  # one batch is all a check reads: no worker processes for it
         try:
-            Pipeline(run, device="cpu")
+            pipe = Pipeline(run, device="cpu")
         except DatasetUnavailable as err:
             raise SpecError(f"task.dataset: {err}") from None
+        _check_one_batch(pipe)
+
+
+def _check_one_batch(pipe) -> None:
+    """A user's model must take the dataset's samples and return [batch, classes] logits."""
+    import torch
+    task = pipe.spec.task
+    x, _ = next(iter(pipe.data.eval_batches("test", 2)))
+    try:
+        with torch.no_grad():
+            logits = pipe.model.eval()(x)
+    except Exception as err:
+        raise SpecError(f"task.model: {task.model} fails on a batch of {task.dataset} of shape {list(x.shape)}: "
+                        f"{type(err).__name__}: {' '.join(str(err).split())}") from None
+    expected = [x.shape[0], pipe.data.num_classes]
+    if not torch.is_tensor(logits) or list(logits.shape) != expected:
+        got = list(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+        raise SpecError(f"task.model: {task.model} returns {got} for a batch of shape {list(x.shape)}; it must "
+                        f"return logits of shape {expected} (batch, classes)")
 
 
 def describe_tasks(spec: StudySpec, plan: Plan) -> str:
