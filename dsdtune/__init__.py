@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["run_pipeline", "Pipeline", "RunSpec", "load_study"]
+__all__ = ["run_pipeline", "Pipeline", "RunSpec", "load_study", "register_model", "register_dataset"]
 
 
 def __getattr__(name):
@@ -10,6 +10,9 @@ def __getattr__(name):
     if name in ("run_pipeline", "Pipeline"):
         from . import pipeline
         return getattr(pipeline, name)
+    if name in ("register_model", "register_dataset"):
+        from . import plugins
+        return getattr(plugins, name)
     if name in ("RunSpec", "load_study"):
         from . import config
         return getattr(config, name)

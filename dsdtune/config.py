@@ -41,6 +41,10 @@ class TaskSpec(_Strict):
     val_fraction: StrictFloat = Field(0.1, gt=0.0, lt=0.5)
     data_dir: str = "data"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Stream through a DataLoader instead of holding the data on the device (datasets given as torch
+    # Datasets always stream); loader_workers are its worker processes (0: load in the training process).
+    stream: StrictBool = False
+    loader_workers: StrictInt = Field(2, ge=0)
 
 
 class InitSpec(_Strict):
@@ -48,6 +52,7 @@ class InitSpec(_Strict):
     weights: Literal["base", "eoi", "ai"] = "base"
     init_density: StrictFloat = Field(0.1, gt=0.0, le=1.0)
     options: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Optional[str] = None  # a trained state_dict to start from (path relative to the study file)
 
 
 Scalar = Union[StrictFloat, StrictInt]
@@ -369,6 +374,7 @@ def load_study(source: Union[str, Path], overrides: list[str] = (), studies_dir:
     for text in overrides:
         key, value = parse_override(text)
         set_by_path(raw, key, value)
+    _checkpoints_relative_to(raw, path.parent)
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as err:
@@ -401,6 +407,25 @@ def first_difference(old: Any, new: Any, path: str = "") -> Optional[str]:
                 return found
         return None
     return None if old == new else (path or "(root)")
+
+
+def _checkpoints_relative_to(raw: dict, folder: Path) -> None:
+    """Make init.checkpoint paths (in init, variants and grid values) absolute, relative to the study file."""
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            return str((folder / value).resolve())
+        return value
+
+    if isinstance(raw.get("init"), dict) and "checkpoint" in raw["init"]:
+        raw["init"]["checkpoint"] = absolute(raw["init"]["checkpoint"])
+    for variant in (raw.get("variants") or {}).values():
+        if isinstance(variant, dict) and "init.checkpoint" in variant:
+            variant["init.checkpoint"] = absolute(variant["init.checkpoint"])
+    axis = ((raw.get("search") or {}).get("space") or {}).get("init.checkpoint")
+    if isinstance(axis, dict):
+        for key in ("grid", "choice"):
+            if isinstance(axis.get(key), list):
+                axis[key] = [absolute(v) for v in axis[key]]
 
 
 def default_studies_dir() -> Path:

@@ -1,19 +1,25 @@
 """Model registry: `build_model(name, input_shape, num_classes, **model_args)`.
 
-Input shape and class count come from the dataset. Every model keeps its own initialization
-(PyTorch defaults, or He init where the original paper used it): that is the "base" init that
-sparse init schemes mask or replace. The first prunable layer is always the first one registered,
-so `prunable_weights(exclude_first=True)` leaves the input layer dense.
+A name is a built-in (below), `torchvision:<name>` (with `weights` in model_args for pretrained
+tensors), a name given to `dsdtune.register_model`, or a user's `module:function` (see
+`dsdtune.plugins`). Input shape and class count come from the dataset. Every model keeps its own
+initialization (PyTorch defaults, or He init where the original paper used it): that is the "base"
+init that sparse init schemes mask or replace, unless `init.checkpoint` loads trained weights
+(`load_init_checkpoint`). The first prunable layer is always the first one registered, so
+`prunable_weights(exclude_first=True)` leaves the input layer dense.
 """
 from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Sequence
+import os
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import SpecError
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -385,7 +391,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 TORCHVISION_PREFIX = "torchvision:"
 
 
-def _torchvision_model(name: str, input_shape: Sequence[int], num_classes: int, **model_args: Any) -> nn.Module:
+def _torchvision_model(name: str, input_shape: Sequence[int], num_classes: int, weights: Optional[str] = None,
+                       **model_args: Any) -> nn.Module:
+    """A torchvision model; with `weights` (e.g. IMAGENET1K_V1) its pretrained tensors are loaded.
+
+    Pretrained weights come from torch's hub cache (downloaded there once). When the class count
+    differs from the weights' (1000 for ImageNet), every tensor but the classifier head's is loaded
+    and the head keeps its fresh initialization: the usual way to fine-tune a model-zoo network.
+    """
     import torchvision.models
 
     builder = getattr(torchvision.models, name, None)
@@ -393,25 +406,127 @@ def _torchvision_model(name: str, input_shape: Sequence[int], num_classes: int, 
         raise ValueError(
             f"unknown torchvision model {name!r}; see torchvision.models.list_models(), e.g. torchvision:resnet18"
         )
-    return builder(weights=None, num_classes=num_classes, **model_args)
+    model = builder(weights=None, num_classes=num_classes, **model_args)
+    if weights is None:
+        return model
+    state = _torchvision_weights(name, str(weights))
+    own = model.state_dict()
+    model.load_state_dict({**own, **{k: v for k, v in state.items() if k in own and own[k].shape == v.shape}})
+    return model
+
+
+def _torchvision_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
+    import torchvision.models
+
+    try:
+        options = torchvision.models.get_model_weights(name)
+    except Exception:
+        raise SpecError(f"task.model_args.weights: torchvision:{name} has no pretrained weights") from None
+    try:
+        chosen = options[weights]
+    except KeyError:
+        allowed = ", ".join(["DEFAULT"] + [w.name for w in options])
+        raise SpecError(f"task.model_args.weights: {weights!r} is not a weight set of torchvision:{name}; "
+                        f"allowed: {allowed}") from None
+    try:
+        return chosen.get_state_dict(progress=False, weights_only=True)
+    except Exception as err:  # offline (URLError), proxy, disk: one line saying where the file must go
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise SpecError(f"task.model_args.weights: torchvision:{name} {weights} is not in {cache} and could not "
+                        f"be downloaded ({type(err).__name__}); run once with internet, or copy "
+                        f"{os.path.basename(chosen.url)} into {cache}") from None
+
+
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    """The factory a task.model name stands for: built-in, registered, or an import path."""
+    from . import plugins
+
+    if plugins.is_import_path(name):
+        return plugins.resolve(name, "task.model")
+    if name in MODELS:
+        return MODELS[name]
+    if name in plugins.registered("model"):
+        return plugins.registered("model")[name]
+    allowed = ", ".join(list(MODELS) + list(plugins.registered("model")) + [f"{TORCHVISION_PREFIX}<name>",
+                                                                              "module:function"])
+    raise SpecError(f"task.model: {name!r} is unknown; allowed: {allowed}")
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **model_args: Any) -> nn.Module:
-    """Build a registered model (or `torchvision:<name>`) for samples of `input_shape`.
+    """Build a registered model, `torchvision:<name>` or a user's `module:function` for `input_shape`.
 
-    Unknown names and unknown model_args raise ValueError naming the allowed values.
+    Every factory is called as `factory(input_shape=..., num_classes=..., **model_args)`. Unknown names
+    and unknown model_args raise ValueError (SpecError) naming the allowed values.
     """
     input_shape = tuple(int(s) for s in input_shape)
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision_model(name[len(TORCHVISION_PREFIX) :], input_shape, num_classes, **model_args)
-    if name not in MODELS:
-        allowed = ", ".join(list(MODELS) + [f"{TORCHVISION_PREFIX}<name>"])
-        raise ValueError(f"unknown model {name!r}; allowed: {allowed}")
-    builder = MODELS[name]
-    allowed_args = list(inspect.signature(builder).parameters)[2:]
-    unknown = sorted(set(model_args) - set(allowed_args))
-    if unknown:
-        raise ValueError(
-            f"model {name!r} got unknown model_args {unknown}; allowed: {allowed_args or 'none'}"
-        )
-    return builder(input_shape, num_classes, **model_args)
+    builder = model_factory(name)
+    parameters = inspect.signature(builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if not takes_any:
+        for needed in ("input_shape", "num_classes"):
+            if needed not in parameters:
+                raise SpecError(f"task.model: {name!r} must accept input_shape= and num_classes= keyword arguments")
+        allowed_args = [p for p in parameters if p not in ("input_shape", "num_classes")]
+        unknown = sorted(set(model_args) - set(allowed_args))
+        if unknown:
+            raise SpecError(
+                f"task.model_args: model {name!r} got unknown model_args {unknown}; allowed: {allowed_args or 'none'}"
+            )
+    model = builder(input_shape=input_shape, num_classes=num_classes, **model_args)
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"task.model: {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting from trained weights (init.checkpoint)
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a state_dict file into `model` (weights_only); a mismatch is one line naming the first bad key.
+
+    Accepts `torch.save(model.state_dict(), path)`, a {"state_dict": ...} wrapper, or a dsdtune pipeline
+    checkpoint (its "model" entry). Keys and shapes must match the model exactly.
+    """
+    field = "init.checkpoint"
+    if not os.path.isfile(path):
+        raise SpecError(f"{field}: {path} does not exist; give a path relative to the study file, or an absolute one")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise SpecError(f"{field}: {path} cannot be read with torch.load(weights_only=True) "
+                        f"({type(err).__name__}); save it with torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise SpecError(f"{field}: {path} is not a state_dict of tensors; save it with "
+                        f"torch.save(model.state_dict(), path)")
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise SpecError(f"{field}: {path} has no {key!r}, which the model has (shape {list(tensor.shape)}); "
+                            f"was it saved from this task.model with these model_args?")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise SpecError(f"{field}: {key!r} has shape {list(state[key].shape)} in {path} but "
+                            f"{list(tensor.shape)} in the model; check task.model_args and the dataset's classes")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise SpecError(f"{field}: {path} holds {extra[0]!r}, which the model does not have "
+                        f"({len(extra)} such key(s)); was it saved from this task.model?")
+    model.load_state_dict(state)
+
+
+def load_init_checkpoint(model: nn.Module, init: Any) -> None:
+    """Apply `init.checkpoint` (if set) to a freshly built model; it replaces the model's own init."""
+    path = getattr(init, "checkpoint", None)
+    if not path:
+        return
+    if init.density != "dense" or init.weights != "base":
+        raise SpecError("init.checkpoint: starts from trained weights, so leave init.density: dense and "
+                        "init.weights: base; prune the trained model with an S phase (flow SD, SDSD)")
+    load_checkpoint(model, path)

@@ -22,13 +22,13 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from .config import PipelineSpec, RunSpec, SpecError, _as_list, parse_run_spec
-from .data import DATASETS, Dataset, load_dataset
-from .models import MODELS, build_model
+from .data import Dataset, StreamingDataset, dataset_loader, load_dataset
+from .models import TORCHVISION_PREFIX, build_model, load_init_checkpoint, model_factory
 from .sparsity.masks import MaskApplier, Masks, measured_sparsity, prunable_weights
 from .sparsity.prune import CRITERIA
 from .training import (
-    derive_seed, evaluate, make_optimizer, scheduled_lr, seed_everything, select_device, set_hyperparameters,
-    set_lr, train_epoch,
+    derive_seed, evaluate_batches, make_optimizer, scheduled_lr, seed_everything, select_device,
+    set_hyperparameters, set_lr, train_batches,
 )
 
 EpochCallback = Callable[[dict, "Pipeline"], None]
@@ -90,11 +90,9 @@ def expand_phases(spec: PipelineSpec) -> list[Phase]:
 
 def check_names(spec: RunSpec) -> None:
     """Registry names a run spec refers to; raises SpecError naming the field and the allowed values."""
-    if spec.task.dataset not in DATASETS:
-        raise SpecError(f"task.dataset: {spec.task.dataset!r} is unknown; allowed: {', '.join(sorted(DATASETS))}")
-    if spec.task.model not in MODELS and not spec.task.model.startswith("torchvision:"):
-        raise SpecError(f"task.model: {spec.task.model!r} is unknown; allowed: {', '.join(sorted(MODELS))}, "
-                        "torchvision:<name>")
+    dataset_loader(spec.task.dataset)  # built-in, registered or a user's module:function
+    if not spec.task.model.startswith(TORCHVISION_PREFIX):
+        model_factory(spec.task.model)
     for phase in expand_phases(spec.pipeline):
         if phase.kind == "S" and phase.criterion not in CRITERIA:
             raise SpecError(f"pipeline.criterion: {phase.criterion!r} is unknown; allowed: {', '.join(CRITERIA)}")
@@ -132,7 +130,7 @@ class PipelineResult:
 class Pipeline:
     """One trial's training: build task and model, then run the flow's phases epoch by epoch."""
 
-    def __init__(self, spec: Union[dict, RunSpec], dataset: Optional[Dataset] = None,
+    def __init__(self, spec: Union[dict, RunSpec], dataset: Optional[Union[Dataset, StreamingDataset]] = None,
                  device: Optional[Union[str, torch.device]] = None):
         self.spec = parse_run_spec(spec)
         check_names(self.spec)
@@ -140,10 +138,14 @@ class Pipeline:
         self.device = torch.device(device) if device is not None else select_device(task.device)
         self.data = dataset if dataset is not None else load_dataset(
             task.dataset, device=self.device, val_fraction=task.val_fraction, data_dir=task.data_dir,
-            **task.dataset_args)
+            stream=task.stream, loader_workers=task.loader_workers, **task.dataset_args)
         seed_everything(self.spec.seed)
         self.model = build_model(task.model, self.data.input_shape, self.data.num_classes,
                                  **task.model_args).to(self.device)
+        load_init_checkpoint(self.model, self.spec.init)  # init.checkpoint: start from trained weights
+        if self.data.streaming and self.spec.init.density in ("snip", "grasp"):
+            raise SpecError(f"init.density: {self.spec.init.density} scores a batch of tensors; streamed data "
+                            f"(task.stream or a loader's Datasets) does not provide one yet; use erk or synflow")
         self.phases = expand_phases(self.spec.pipeline)
         pipe = self.spec.pipeline
         self.prunable = prunable_weights(self.model, exclude_first=pipe.exclude_first, exclude=pipe.exclude)
@@ -248,8 +250,8 @@ class Pipeline:
     # ---- one epoch -------------------------------------------------------------------------
     def _evaluate(self) -> dict:
         bs = self.spec.task.eval_batch_size
-        val_loss, val_acc = evaluate(self.model, self.data.val_x, self.data.val_y, bs)
-        test_loss, test_acc = evaluate(self.model, self.data.test_x, self.data.test_y, bs)
+        val_loss, val_acc = evaluate_batches(self.model, self.data.eval_batches("val", bs))
+        test_loss, test_acc = evaluate_batches(self.model, self.data.eval_batches("test", bs))
         return {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc}
 
     def measured_sparsity(self) -> float:
@@ -264,9 +266,8 @@ class Pipeline:
         elif self.applier is not None and not self.masks_full:
             hooks["before_step"] = self.applier.apply_to_grads
             hooks["after_step"] = self.applier.apply_to_weights
-        train_loss = train_epoch(self.model, self.data.train_x, self.data.train_y, self.optimizer,
-                                 self.spec.task.batch_size, self.generator, augment=self.spec.task.augment,
-                                 **hooks)
+        batches = self.data.train_batches(self.spec.task.batch_size, self.generator, self.spec.task.augment)
+        train_loss = train_batches(self.model, batches, self.optimizer, **hooks)
         self.epoch_in_phase += 1
         self.global_epoch += 1
         metrics = {"epoch": self.global_epoch, "phase": phase.index, "phase_kind": phase.kind,

@@ -1,14 +1,15 @@
 """One epoch, evaluation, optimizer and LR schedule, seeding, device choice.
 
-The loop is deliberately minimal (index slicing on device tensors, no DataLoader, the loss summed
-on the device so a GPU never syncs mid-epoch): the pipeline's phases plug in through the
-`before_step` / `after_step` hooks, which is where masks are applied.
+The loop is deliberately minimal (it takes the batches a dataset gives: index slices of device
+tensors, or a streaming DataLoader's; the loss is summed on the device so a GPU never syncs
+mid-epoch): the pipeline's phases plug in through the `before_step` / `after_step` hooks, which is
+where masks are applied.
 """
 from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SpecError
-from .data import augment_images, batch_indices
+from .data import Dataset
 
 
 def select_device(requested: str = "auto") -> torch.device:
@@ -87,6 +88,34 @@ def scheduled_lr(schedule: str, base_lr: float, epoch: int, epochs: int) -> floa
     raise SpecError(f"pipeline.schedule: {schedule!r} is not one of constant, step, cosine")
 
 
+def train_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    before_step: Optional[Callable[[], None]] = None,
+    after_step: Optional[Callable[[], None]] = None,
+    step: Optional[Callable[[], None]] = None,
+) -> float:
+    """Train on one epoch's (x, y) batches; return the mean training loss (non-finite if it diverged)."""
+    model.train()
+    do_step = step or optimizer.step
+    total, count = None, 0
+    for xb, yb in batches:
+        loss = F.cross_entropy(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_step is not None:
+            before_step()
+        do_step()
+        if after_step is not None:
+            after_step()
+        if total is None:
+            total = torch.zeros((), device=yb.device)
+        total += loss.detach() * yb.shape[0]
+        count += yb.shape[0]
+    return float(total) / count if count else math.nan
+
+
 def train_epoch(
     model: nn.Module,
     x: torch.Tensor,
@@ -99,38 +128,31 @@ def train_epoch(
     after_step: Optional[Callable[[], None]] = None,
     step: Optional[Callable[[], None]] = None,
 ) -> float:
-    """Train one epoch; return the mean training loss (non-finite if the run diverged)."""
-    model.train()
-    do_step = step or optimizer.step
-    total = torch.zeros((), device=x.device)
-    for idx in batch_indices(x.shape[0], batch_size, generator, x.device):
-        # index_select is the same gather as x[idx] without advanced indexing's overhead (~3x
-        # cheaper for image batches on CPU).
-        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-        if augment:
-            xb = augment_images(xb, generator)
-        loss = F.cross_entropy(model(xb), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if before_step is not None:
-            before_step()
-        do_step()
-        if after_step is not None:
-            after_step()
-        total += loss.detach() * yb.shape[0]
-    return float(total) / x.shape[0]
+    """Train one epoch on device tensors (shuffled by `generator`); return the mean training loss."""
+    data = Dataset("tensors", x, y, x[:0], y[:0], x[:0], y[:0], 0, tuple(x.shape[1:]))
+    return train_batches(model, data.train_batches(batch_size, generator, augment), optimizer,
+                         before_step=before_step, after_step=after_step, step=step)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in [0, 1]) over a split."""
+def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in [0, 1]) over a split's batches."""
     model.eval()
-    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
-    correct = torch.zeros((), device=x.device, dtype=torch.int64)
-    for start in range(0, x.shape[0], batch_size):
-        logits = model(x[start:start + batch_size])
-        target = y[start:start + batch_size]
+    loss_sum = correct = None
+    n = 0
+    for xb, target in batches:
+        logits = model(xb)
+        if loss_sum is None:
+            loss_sum = torch.zeros((), device=target.device, dtype=torch.float64)
+            correct = torch.zeros((), device=target.device, dtype=torch.int64)
         loss_sum += F.cross_entropy(logits.float(), target, reduction="sum").double()
         correct += (logits.argmax(dim=1) == target).sum()
-    n = max(1, x.shape[0])
+        n += target.shape[0]
+    if n == 0:
+        return 0.0, 0.0
     return float(loss_sum) / n, int(correct) / n
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in [0, 1]) over a split of device tensors."""
+    return evaluate_batches(model, ((x[s:s + batch_size], y[s:s + batch_size]) for s in range(0, x.shape[0], batch_size)))

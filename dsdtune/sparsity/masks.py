@@ -165,3 +165,32 @@ def measured_sparsity(weights: Iterable[torch.Tensor]) -> float:
     zeros = torch.stack([(w == 0).sum() for w in weights]).sum()
     total = sum(w.numel() for w in weights)
     return float(zeros) / total
+
+
+def describe_prunable(model: nn.Module, exclude_first: bool = True, exclude: Iterable[str] = ()) -> str:
+    """One line per Linear/Conv/recurrent weight: its module, shape, size, and whether it will be pruned.
+
+    The same rules as `prunable_weights` (which decides), so a user sees what a foreign model
+    exposes to pruning before anything runs.
+    """
+    candidates = [(name, param) for name, param, _ in _module_weights(model, include_embedding=False)]
+    pruned = prunable_weights(model, exclude_first=exclude_first, exclude=exclude)
+    patterns = [re.compile(p) for p in exclude]
+    modules = dict(model.named_modules())
+    width = max([len(name) for name, _ in candidates] + [4])
+    lines = []
+    for name, param in candidates:
+        owner = modules.get(name.rsplit(".", 1)[0] if "." in name else "", model)
+        if name in pruned:
+            why = "pruned"
+        elif any(p.search(name) for p in patterns):
+            why = "dense (pipeline.exclude)"
+        else:
+            why = "dense (first layer)"
+        shape = "x".join(str(s) for s in param.shape)
+        lines.append(f"  {name:<{width}}  {type(owner).__name__:<8} {shape:<14} {param.numel():>11,}  {why}")
+    total = sum(p.numel() for _, p in candidates)
+    kept_dense = total - sum(p.numel() for p in pruned.values())
+    lines.append(f"  {len(pruned)} of {len(candidates)} layer weights prunable: "
+                 f"{total - kept_dense:,} of {total:,} weights ({kept_dense:,} stay dense)")
+    return "\n".join(lines)

@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..config import SpecError, default_studies_dir, load_study
+from .. import plugins
+from ..config import SpecError, default_studies_dir, load_study, resolve_study_path
 from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, confirm_arms, describe_plan, make_plan
 from .state import StudyLock, check_same_spec, state_dir, stop_file, store_spec
+from .tasks import describe_tasks, distinct_runs
 from .validate import check_control, check_gpu, check_search, check_storage, check_tasks
 
 EXIT_OK, EXIT_TRIAL_ERRORS, EXIT_USAGE, EXIT_REPORT_FAILED = 0, 1, 2, 3
@@ -68,6 +70,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     lock = None
     try:
         spec = load_study(args.study, args.set)
+        # A user's model / dataset modules are imported from the study file's folder and the cwd.
+        plugins.add_search_paths(plugins.study_search_paths(resolve_study_path(args.study)))
         results_dir, ray_storage = check_storage(spec, Path(args.results))
         plan = make_plan(spec)
         check_control(spec)
@@ -75,6 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_tasks(plan)
         if args.dry_run:
             print(describe_plan(spec, plan))
+            print(describe_tasks(plan))
             return EXIT_OK
         check_gpu(spec, args.address)
         ray_state = Path(ray_storage) if "://" not in ray_storage else None
@@ -86,18 +91,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         lock.acquire()
         if args.resume and not args.fresh and (has_state or ray_state is None):
             check_same_spec(results_dir, spec)
+        runtime_env = plugins.runtime_env([name for run in distinct_runs(plan)
+                                           for name in (run.task.model, run.task.dataset)], bool(args.address))
     except SpecError as err:
         if lock is not None:
             lock.release()
         print(f"dsdtune: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return _run(args, argv, spec, plan, results_dir, ray_storage)
+        return _run(args, argv, spec, plan, results_dir, ray_storage, runtime_env)
     finally:
         lock.release()
 
 
-def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str) -> int:
+def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str, runtime_env) -> int:
     print(describe_plan(spec, plan), flush=True)
     ray_state = Path(ray_storage) if "://" not in ray_storage else None
     if args.fresh:
@@ -110,7 +117,7 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str)
     signals = SignalState(stop_file(results_dir), hint)
     signals.clear_stop_file()
     started = time.monotonic()
-    ray, owned = connect(args.address, args.dashboard_host, args.num_cpus)
+    ray, owned = connect(args.address, args.dashboard_host, args.num_cpus, runtime_env)
     signals.install()  # after ray.init, which sets a SIGTERM handler of its own
     try:
         arms = list(plan.arms)

@@ -31,14 +31,18 @@ from ray import tune  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
+from .. import plugins
 from ..config import StudySpec
 from ..trainable import prefix_stored, run_trial
 from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, Arm, Plan, confirm_arms, plan_for_arms
 
 
 
-def connect(address: Optional[str], dashboard_host: str, num_cpus: Optional[int]):
-    """Start or join Ray; returns (ray, whether we own the connection and must shut it down)."""
+def connect(address: Optional[str], dashboard_host: str, num_cpus: Optional[int], runtime_env: Optional[dict] = None):
+    """Start or join Ray; returns (ray, whether we own the connection and must shut it down).
+
+    `runtime_env` carries a user's model / dataset modules to the workers (`plugins.runtime_env`).
+    """
     if ray.is_initialized():  # called from a notebook or a test that already connected
         return ray, False
     if not address:
@@ -49,10 +53,10 @@ def connect(address: Optional[str], dashboard_host: str, num_cpus: Optional[int]
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
     if address:
-        ctx = ray.init(address=address, log_to_driver=True)
+        ctx = ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
         ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
-                       dashboard_host=dashboard_host)
+                       dashboard_host=dashboard_host, runtime_env=runtime_env)
     url = ctx.dashboard_url
     if url:
         token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
@@ -72,7 +76,7 @@ def _study_payload(spec: StudySpec, plan: Plan, arms: list[Arm], ray_storage: st
             "mode": spec.mode, "cpus_per_trial": spec.resources.cpu, "gpus_per_trial": spec.resources.gpu,
             "checkpoint_every_s": spec.checkpoint_every_s, "prefix_length": plan.prefix_length,
             "prefix_root": prefix_root(ray_storage), "stop_file": stop_file,
-            "report_every_epoch": spec.scheduler.kind != "none"}
+            "report_every_epoch": spec.scheduler.kind != "none", "plugins": plugins.worker_payload()}
 
 
 def prefix_root(ray_storage: str) -> str:

@@ -106,12 +106,12 @@ def check_tasks(plan: Plan) -> None:
     built: set[str] = set()
     for run in plan.runs:
         task = run.task
-        data_key = json.dumps([task.dataset, task.dataset_args, task.val_fraction, task.data_dir], sort_keys=True,
-                              default=str)
+        data_key = json.dumps([task.dataset, task.dataset_args, task.val_fraction, task.data_dir, task.stream],
+                              sort_keys=True, default=str)
         if data_key not in datasets:
-            try:
+            try:  # no loader worker processes: one batch is all a check reads
                 datasets[data_key] = load_dataset(task.dataset, device="cpu", val_fraction=task.val_fraction,
-                                                  data_dir=str(Path(task.data_dir).expanduser().resolve()),
+                                                  data_dir=task.data_dir, stream=task.stream, loader_workers=0,
                                                   **task.dataset_args)
             except DatasetUnavailable as err:
                 raise SpecError(f"task.dataset: {err}") from None
@@ -137,6 +137,8 @@ def _build_once(run: RunSpec, data) -> None:
                         f"{tuple(data.input_shape)}; use augment: false")
     try:
         build_model(task.model, data.input_shape, data.num_classes, **task.model_args)
+    except SpecError:
+        raise
     except (TypeError, ValueError) as err:
         raise SpecError(f"task.model_args: {_first_line(err)}") from None
     try:
@@ -147,13 +149,20 @@ def _build_once(run: RunSpec, data) -> None:
         raise SpecError(f"init: {run.init.density}/{run.init.weights} cannot be set up on {task.model}: "
                         f"{_first_line(err)}") from None
     model = pipeline.model
-    x, y = data.train_x[:task.batch_size], data.train_y[:task.batch_size]
+    x, y = next(iter(data.eval_batches("test", min(task.batch_size, 8))))
     try:
         with torch.enable_grad():
-            F.cross_entropy(model(x), y).backward()
+            logits = model.train()(x)
+            if torch.is_tensor(logits) and list(logits.shape) == [x.shape[0], data.num_classes]:
+                F.cross_entropy(logits, y).backward()
     except Exception as err:
-        raise SpecError(f"task.model: {task.model} fails on a batch of shape {tuple(x.shape)} from "
-                        f"{task.dataset}: {_first_line(err)}") from None
+        raise SpecError(f"task.model: {task.model} fails on a batch of {task.dataset} of shape {list(x.shape)}: "
+                        f"{type(err).__name__}: {_first_line(err)}") from None
+    expected = [x.shape[0], data.num_classes]
+    if not torch.is_tensor(logits) or list(logits.shape) != expected:
+        got = list(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+        raise SpecError(f"task.model: {task.model} returns {got} for a batch of shape {list(x.shape)}; it must "
+                        f"return logits of shape {expected} (batch, classes)")
     model.zero_grad(set_to_none=True)
 
 
