@@ -11,6 +11,7 @@ from typing import Optional
 from ..config import SpecError, default_studies_dir, load_study
 from .plan import confirm_arms, describe_plan, make_plan
 from .results import write_results
+from .tracking import check_tracking
 from .validate import check_control, check_gpu, check_storage, prepare_datasets
 
 
@@ -38,6 +39,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
     parser.add_argument("--results", default="results", help="root folder of the results (default: results/)")
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own tables and logs (default: in ray.log)")
+    parser.add_argument("--log", action="append", default=[], metavar="TRACKER",
+                        help="also log every trial to mlflow or tensorboard (repeatable; pip install 'dsdtune[tracking]')")
     args = parser.parse_args(argv)
     if not args.list and not args.study:
         parser.error("name a study (see --list)")
@@ -58,6 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(describe_plan(spec, plan))
             return 0
         check_gpu(spec, args.address)
+        check_tracking(args.log)
         state_dir = Path(ray_storage) if "://" not in ray_storage else None
         if state_dir is not None and state_dir.exists() and any(state_dir.iterdir()) and not (args.resume or args.fresh):
             raise SpecError(f"{results_dir} already holds a run of this study: add --resume to continue it, or "
@@ -72,7 +77,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     from .run import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, connect, grid_stages, optuna_stages
+    from .progress import StudyConsole
+    console = StudyConsole(spec, results_dir, verbose=args.verbose, log=tuple(args.log),
+                           factors_by_label={a.label: a.factors for a in plan.arms}).__enter__()
     ray, owned = connect(args.address, args.dashboard_host, args.num_cpus)
+    console.connected()
     try:
         stages: dict[str, list] = {}
         arms = list(plan.arms)
@@ -94,6 +103,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if owned:
             ray.shutdown()
+        console.__exit__(None, None, None)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     print(f"dsdtune: {spec.name} finished in {time.monotonic() - started:.0f} s: {summary}; "
           f"results in {results_dir}", flush=True)

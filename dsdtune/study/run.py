@@ -60,9 +60,15 @@ def _run_stage(name: str, ray_storage: str, param_space: dict, *, payload: dict,
                prefixes: Optional[dict], stage: str, spec: StudySpec, resume: bool, tune_extra: Optional[dict] = None):
     from ray import tune
     from ..trainable import run_trial
+    from .progress import active_console
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, study=payload, prefix_length=prefix_length, prefixes=prefixes, stage=stage),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    console = active_console()
+    if console is not None:
+        trainable = console.name_trials(trainable, stage, payload)
+        callbacks = console.callbacks(name, stage, payload=payload, prefix_length=prefix_length, prefixes=prefixes,
+                                      param_space=param_space, tune_extra=tune_extra)
     path = f"{ray_storage.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=param_space)
@@ -70,12 +76,28 @@ def _run_stage(name: str, ray_storage: str, param_space: dict, *, payload: dict,
         tune_config = tune.TuneConfig(reuse_actors=True, max_concurrent_trials=spec.max_concurrent or None,
                                       **(tune_extra or {}))
         run_config = tune.RunConfig(
-            name=name, storage_path=ray_storage, verbose=1,
+            name=name, storage_path=ray_storage, verbose=console.ray_verbosity if console else 1,
+            callbacks=callbacks if console else None,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=_checkpoints_to_keep(payload)))
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     print(f"dsdtune: stage '{name}'", flush=True)
     return tuner.fit()
+
+
+def _checkpoints_to_keep(payload: dict) -> int:
+    """One checkpoint per phase end, plus the latest timed one.
+
+    Tune snapshots the experiment state as soon as a trial has saved `num_to_keep` checkpoints since
+    the last snapshot (so the state never points at a deleted one); with 2, a trial of a DSD flow
+    forced a snapshot at nearly every phase end - the "snapshotting may become a bottleneck"
+    warnings. Keeping as many as a trial writes at its phase ends leaves the regular snapshot period
+    to do it, and still bounds the disk a trial uses.
+    """
+    from ..config import build_run_spec
+    phases = max(len(build_run_spec(payload["base"], assign, payload["seeds"][0]).pipeline.flow)
+                 for assign in payload["arms"].values())
+    return phases + 1
 
 
 def grid_stages(spec: StudySpec, plan: Plan, arms: list[Arm], ray_storage: str, resume: bool,
