@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..config import SpecError, default_studies_dir, load_study
+from ..config import SpecError, default_studies_dir, load_study, resolve_study_path
 from .plan import confirm_arms, describe_plan, make_plan
 from .results import write_results
 from .tracking import check_tracking
@@ -76,6 +76,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         shutil.rmtree(state_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    from .provenance import now, provenance
+    started_at = now()
     from .run import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, connect, grid_stages, optuna_stages
     from .progress import StudyConsole
     console = StudyConsole(spec, results_dir, verbose=args.verbose, log=tuple(args.log),
@@ -99,7 +101,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             prefix, sweep = grid_stages(spec, plan, plan.arms, ray_storage, args.resume, STAGE_SWEEP, STAGE_PREFIX)
             stages = {STAGE_PREFIX: prefix, STAGE_SWEEP: sweep}
-        counts = write_results(results_dir, spec, plan, stages, arms, seeds_by_stage)
+        counts = write_results(results_dir, spec, plan, stages, arms, seeds_by_stage,
+                               provenance=provenance(spec, resolve_study_path(args.study), started_at))
     finally:
         if owned:
             ray.shutdown()

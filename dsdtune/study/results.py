@@ -8,6 +8,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 from ..config import StudySpec, build_run_spec, get_by_path
 from .plan import Arm, Plan, phase_labels
@@ -85,7 +86,7 @@ def write_atomic_text(text: str, path: Path) -> None:
 
 
 def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[str, list], arms: list[Arm],
-                  seeds_by_stage: dict[str, list[int]]) -> dict[str, int]:
+                  seeds_by_stage: dict[str, list[int]], provenance: Optional[dict] = None) -> dict[str, int]:
     import pandas as pd
     results_dir.mkdir(parents=True, exist_ok=True)
     by_label = {a.label: a for a in arms}
@@ -139,6 +140,7 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
     if spec.search.algorithm == "optuna" and spec.confirm:
         meta["control"] = dict(spec.confirm.control)
         meta["confirm_seeds"] = seeds_by_stage.get(STAGE_CONFIRM)
+    meta.update(provenance or {})  # resolved spec + hash, versions, machine, git commit, start/end
     write_atomic_text(json.dumps(meta, indent=2, default=str) + "\n", results_dir / "study.json")
     counts: dict[str, int] = {}
     for row in trials:
