@@ -3,8 +3,8 @@
 A stage's display counts trials (done, running, pending, failed), epochs done of the stage's
 total, elapsed time and an ETA from the epoch rate so far, and each arm's best validation metric.
 On a terminal it is a live `rich` display; otherwise (a pipe, a CI log) one plain line every few
-seconds. Ray's progress tables, its Python logs and the trials' own output go to `ray.log` in the
-study's results folder instead (`--verbose` brings them back to the console).
+seconds, less often as the stage goes on. Ray's progress tables, its Python logs and the trials'
+own output go to `ray.log` in the study's results folder instead (`--verbose` brings them back).
 
 Imported only once Ray runs (it subclasses `ray.tune.Callback`).
 """
@@ -126,7 +126,10 @@ class StageProgress(Callback):
         with self._lock:
             for trial in trials:
                 self._status[self._track(trial)] = trial.status
-        if self._live is None and time.monotonic() - self._last_line >= self.interval_s:
+        # Every few seconds at first, then less often: a day-long stage logs a few hundred lines.
+        now = time.monotonic()
+        interval = min(60.0, max(self.interval_s, (now - self._started) / 12))
+        if self._live is None and now - self._last_line >= interval:
             self._print_line()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
