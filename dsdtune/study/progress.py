@@ -252,6 +252,7 @@ class RayLogFile:
         self._handler = None
         self._saved_handlers: list = []
         self._saved_showwarning = None
+        self._dispatcher = self._printer = None
 
     def open(self) -> None:
         import ray  # noqa: F401  (Ray installs its console handler on import; replace it after)
@@ -283,10 +284,12 @@ class RayLogFile:
             from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
         except ImportError:
             return False
-        if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        original = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
+        if not original:
             return False
         dispatcher.remove_handler("ray_print_logs")
         dispatcher.add_handler("ray_print_logs", self._worker_lines)
+        self._dispatcher, self._printer = dispatcher, original[0]
         return True
 
     def _worker_lines(self, data: dict) -> None:
@@ -304,6 +307,10 @@ class RayLogFile:
                 logger.addHandler(handler)
             logger.propagate = propagate
         warnings.showwarning = self._saved_showwarning
+        if self._dispatcher is not None:  # the trials' output back to the console (a notebook goes on)
+            self._dispatcher.remove_handler("ray_print_logs")
+            self._dispatcher.add_handler("ray_print_logs", self._printer)
+            self._dispatcher = None
         self._handler = None
         self._stream.close()
 
