@@ -1,7 +1,6 @@
 """The researcher's console: progress display, trial names, tracking, and a real 12-trial study."""
 import io
 import json
-import math
 import os
 import re
 import subprocess

@@ -255,7 +255,7 @@ class RayLogFile:
         self._dispatcher = self._printer = None
 
     def open(self) -> None:
-        import ray  # noqa: F401  (Ray installs its console handler on import; replace it after)
+        # Ray installed its console handler when imported (above); it is replaced here.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._stream = open(self.path, "a", buffering=1)
         self._handler = logging.StreamHandler(self._stream)
