@@ -15,7 +15,7 @@ import pytest
 
 from dsdtune.config import SpecError
 from dsdtune.study.progress import StageProgress, arm_label, trial_label
-from dsdtune.study.tracking import check_tracking, epoch_metrics
+from dsdtune.study.tracking import check_tracking, epoch_metrics, mlflow_tracking_uri
 
 TINY12 = Path(__file__).parent / "studies" / "tiny12.yaml"
 
@@ -94,6 +94,13 @@ def test_missing_tracker_exits_2_before_ray(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--log nonsense" in err
     assert not (tmp_path / "tiny12").exists() or not any((tmp_path / "tiny12").iterdir())
+
+
+def test_mlflow_store_is_the_users_uri_else_sqlite_in_the_results_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert mlflow_tracking_uri(tmp_path / "s") == f"sqlite:///{(tmp_path / 's').resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert mlflow_tracking_uri(tmp_path / "s") == "http://mlflow.example:5000"
 
 
 def test_epoch_metrics_keep_numbers_drop_bookkeeping():
