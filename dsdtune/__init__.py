@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["run_pipeline", "Pipeline", "RunSpec", "load_study", "register_model", "register_dataset"]
+__all__ = ["run_pipeline", "Pipeline", "RunSpec", "load_study", "register_model", "register_dataset",
+           "load_results", "StudyResults"]
 
 
 def __getattr__(name):
@@ -16,4 +17,7 @@ def __getattr__(name):
     if name in ("RunSpec", "load_study"):
         from . import config
         return getattr(config, name)
+    if name in ("load_results", "StudyResults"):
+        from . import results
+        return getattr(results, name)
     raise AttributeError(f"module 'dsdtune' has no attribute {name!r}")

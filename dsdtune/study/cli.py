@@ -21,6 +21,7 @@ from ..config import SpecError, default_studies_dir, load_study, resolve_study_p
 from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, confirm_arms, describe_plan, make_plan
 from .state import StudyLock, check_same_spec, state_dir, stop_file, store_spec
 from .tasks import describe_tasks, distinct_runs
+from .tracking import check_tracking
 from .validate import check_control, check_gpu, check_search, check_storage, check_tasks
 
 EXIT_OK, EXIT_TRIAL_ERRORS, EXIT_USAGE, EXIT_REPORT_FAILED = 0, 1, 2, 3
@@ -49,6 +50,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
     parser.add_argument("--results", default="results", help="root folder of the results (default: results/)")
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own tables and logs (default: in ray.log)")
+    parser.add_argument("--log", action="append", default=[], metavar="TRACKER",
+                        help="also log every trial to mlflow or tensorboard (repeatable; pip install 'dsdtune[tracking]')")
     args = parser.parse_args(argv)
     if not args.list and not args.study:
         parser.error("name a study (see --list)")
@@ -82,6 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(describe_tasks(plan))
             return EXIT_OK
         check_gpu(spec, args.address)
+        check_tracking(args.log)
         ray_state = Path(ray_storage) if "://" not in ray_storage else None
         has_state = ray_state is not None and ray_state.exists() and any(ray_state.iterdir())
         if has_state and not (args.resume or args.fresh):
@@ -113,13 +118,20 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
         (state_dir(results_dir) / "spec.json").unlink(missing_ok=True)
     store_spec(results_dir, spec)
     hint = f"continue with: {resume_command(argv)}"
+    from .progress import StudyConsole
+    from .provenance import now, provenance
     from .run import SignalState, connect, optuna_stages, sweep_stage, sweep_trials
     signals = SignalState(stop_file(results_dir), hint)
     signals.clear_stop_file()
-    started = time.monotonic()
-    ray, owned = connect(args.address, args.dashboard_host, args.num_cpus, runtime_env)
-    signals.install()  # after ray.init, which sets a SIGTERM handler of its own
+    started, started_at = time.monotonic(), now()
+    console = StudyConsole(spec, results_dir, verbose=args.verbose, log=tuple(args.log),
+                           factors_by_label={a.label: a.factors for a in plan.arms})
+    owned = False
     try:
+        console.__enter__()
+        ray, owned = connect(args.address, args.dashboard_host, args.num_cpus, runtime_env)
+        console.connected()
+        signals.install()  # after ray.init, which sets a SIGTERM handler of its own
         arms = list(plan.arms)
         seeds_by_stage = {STAGE_PREFIX: plan.seeds, STAGE_SWEEP: plan.seeds, STAGE_SEARCH: plan.seeds}
         if spec.search.algorithm == "optuna":
@@ -137,13 +149,15 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
         interrupted = signals.signum is not None
         from .results import write_results
         counts = write_results(results_dir, spec, plan, stages, arms, seeds_by_stage, interrupted=interrupted,
-                               missing=missing if interrupted else ())
+                               missing=missing if interrupted else (),
+                               provenance=provenance(spec, resolve_study_path(args.study), started_at))
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signals.clear_stop_file()
         if owned:
             ray.shutdown()
+        console.__exit__(None, None, None)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     if interrupted:
         print(f"dsdtune: {spec.name} stopped by {signal.Signals(signals.signum).name} after "

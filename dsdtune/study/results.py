@@ -8,6 +8,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 from ..config import StudySpec, build_run_spec, get_by_path, spec_hash
 from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, Arm, Plan, phase_labels
@@ -120,7 +121,7 @@ def write_atomic_text(text: str, path: Path) -> None:
 
 def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[str, list], arms: list[Arm],
                   seeds_by_stage: dict[str, list[int]], interrupted: bool = False,
-                  missing: tuple = ()) -> dict[str, int]:
+                  missing: tuple = (), provenance: Optional[dict] = None) -> dict[str, int]:
     """Write trials.csv, history.csv, layers.csv, weights.csv and study.json; returns status counts.
 
     `interrupted`: the study was stopped, so trials without a final status are `interrupted`, and
@@ -186,6 +187,7 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
     if spec.search.algorithm == "optuna" and spec.confirm:
         meta["control"] = dict(spec.confirm.control)
         meta["confirm_seeds"] = seeds_by_stage.get(STAGE_CONFIRM)
+    meta.update(provenance or {})  # resolved spec + hash, versions, machine, git commit, start/end
     write_atomic_text(json.dumps(meta, indent=2, default=str) + "\n", results_dir / "study.json")
     counts: dict[str, int] = {}
     for row in trials:

@@ -34,6 +34,7 @@ from ray.tune.search import Searcher  # noqa: E402
 from .. import plugins
 from ..config import StudySpec
 from ..trainable import prefix_stored, run_trial
+from .progress import active_console
 from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, Arm, Plan, confirm_arms, plan_for_arms
 
 
@@ -222,12 +223,18 @@ def _run_tuner(name: str, ray_storage: str, payload: dict, spec: StudySpec, plan
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, study=payload, stop_after_prefix=stop_after_prefix),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    callbacks = [StopOnSignal(), JsonLoggerCallback()]
+    console = active_console()
+    if console is not None:  # progress display, trial names in the dashboard, trackers (--log)
+        trainable = console.name_trials(trainable, name, payload)
+        callbacks += console.callbacks(name, name, payload=payload, prefix_length=plan.prefix_length,
+                                       param_space=param_space or {}, tune_extra=tune_config)
     path = f"{ray_storage.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=param_space)
     else:
         run_config = tune.RunConfig(
-            name=name, storage_path=ray_storage, verbose=1, callbacks=[StopOnSignal(), JsonLoggerCallback()],
+            name=name, storage_path=ray_storage, verbose=console.ray_verbosity if console else 1, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # Keeping fewer checkpoints than a trial writes at its phase ends forces an experiment
             # snapshot at every one of them (Tune deletes old ones only after a snapshot): keep one per
@@ -237,7 +244,6 @@ def _run_tuner(name: str, ray_storage: str, payload: dict, spec: StudySpec, plan
                            tune_config=tune.TuneConfig(reuse_actors=True,
                                                        max_concurrent_trials=spec.max_concurrent or None,
                                                        **(tune_config or {})))
-    print(f"dsdtune: stage '{name}'", flush=True)
     results = list(tuner.fit())
     return results
 

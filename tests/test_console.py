@@ -1,0 +1,243 @@
+"""The researcher's console: progress display, trial names, tracking, and a real 12-trial study."""
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from dsdtune.config import SpecError
+from dsdtune.study.progress import StageProgress, arm_label, trial_label
+from dsdtune.study.tracking import check_tracking, epoch_metrics, mlflow_tracking_uri
+
+TINY12 = Path(__file__).parent / "studies" / "tiny12.yaml"
+
+
+def _trial(tid, config, status="PENDING"):
+    return SimpleNamespace(trial_id=tid, config=config, status=status)
+
+
+def test_trial_labels_name_study_arm_and_seed():
+    assert trial_label("sweep_s", "sweep", {"arm": "pipeline.sparsity=0.5", "seed": 3}) == \
+        "sweep_s/pipeline.sparsity=0.5/seed=3"
+    assert trial_label("s", "prefix", {"prefix": {"arm": "a", "seed": 2, "id": "D-s2-abc"}}) == "s/prefix D/seed=2"
+    searched = {"assign": {"pipeline.lr.1": 0.0123456, "pipeline.sparsity": 0.5}, "__trial_index__": 1}
+    assert trial_label("s", "search", searched, seeds=[10, 11]) == \
+        "s/search/pipeline.lr.1=0.01235, pipeline.sparsity=0.5/seed=11"
+    assert arm_label("confirm", {"arm": "best", "seed": 1000}) == "confirm/best"
+
+
+def test_stage_progress_counts_epochs_eta_and_best_per_arm_in_plain_lines():
+    out = io.StringIO()
+    spans = {"a": (2, 6), "b": (2, 6)}  # each trial trains epochs 3..6 of its flow (2 came from a prefix)
+    progress = StageProgress("sweep", total_trials=3, epochs_of=lambda c: spans[c["arm"]], metric="val_loss",
+                             mode="min", arm_of=lambda c: c["arm"], out=out, live=False, interval_s=0.0)
+    progress.setup()
+    t1, t2, t3 = _trial("1", {"arm": "a"}, "RUNNING"), _trial("2", {"arm": "b"}, "RUNNING"), _trial("3", {"arm": "a"})
+    progress.on_step_end(0, [t1, t2, t3])
+    for epoch, loss in [(3, 0.9), (4, 0.5), (5, 0.7)]:
+        progress.on_trial_result(0, [t1, t2, t3], t1, {"epoch": epoch, "val_loss": loss})
+    progress.on_trial_result(0, [t1, t2, t3], t2, {"epoch": 3, "val_loss": float("inf"), "status": "diverged"})
+    t2.status = "TERMINATED"
+    progress.on_trial_complete(0, [t1, t2, t3], t2)
+    counts = progress.counts()
+    assert (counts["done"], counts["running"], counts["pending"], counts["failed"], counts["diverged"]) == (1, 1, 1, 0, 1)
+    # done: 3 of trial 1 + 1 of trial 2; left: 1 of trial 1 + 4 of trial 3 (trial 2 ended early)
+    assert counts["epochs_done"] == 4 and counts["epochs_total"] == 9
+    assert counts["eta_s"] == pytest.approx(counts["elapsed_s"] * 5 / 4, rel=0.05)
+    assert [(arm, best) for arm, _, _, best in progress.arms()] == [("a", 0.5), ("b", None)]  # inf is no best
+    t3.status = "ERROR"
+    progress.on_trial_error(0, [t1, t2, t3], t3)
+    t1.status = "TERMINATED"
+    progress.on_experiment_end([t1, t2, t3])
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("dsdtune: sweep: 0/3 trials done, 2 running, 1 pending; epochs 0/12")
+    assert "1/3 trials done (1 diverged)" in lines[-3] or "2/3 trials done (1 diverged)" in lines[-3]
+    assert "1 failed" in lines[-3] and "best val_loss 0.5000 (a)" in lines[-3] and "ETA" not in lines[-3]
+    assert lines[-2:] == ["  a: 1/2 done, best val_loss 0.5000", "  b: 1/1 done, best val_loss -"]
+
+
+def test_stage_progress_renders_live_with_rich():
+    from rich.console import Console
+    progress = StageProgress("sweep", total_trials=2, epochs_of=lambda c: (0, 4), metric="val_acc", mode="max",
+                             arm_of=lambda c: c["arm"], out=io.StringIO(), live=False)
+    trial = _trial("1", {"arm": "x=1"}, "RUNNING")
+    progress.on_step_end(0, [trial])
+    progress.on_trial_result(0, [trial], trial, {"epoch": 2, "val_acc": 0.75})
+    console = Console(file=io.StringIO(), width=100)
+    console.print(progress)
+    text = console.file.getvalue()
+    assert "epochs 2/8" in text and "1 running, 1 pending, 0 failed" in text
+    assert re.search(r"x=1\s+0/1\s+0\.7500", text)
+
+
+def test_unknown_or_missing_tracker_is_one_line_saying_what_to_install(monkeypatch):
+    with pytest.raises(SpecError, match="allowed: mlflow, tensorboard"):
+        check_tracking(["wandb"])
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(SpecError, match=r"pip install 'dsdtune\[tracking\]'"):
+        check_tracking(["tensorboard", "mlflow"])
+
+
+def test_missing_tracker_exits_2_before_ray(tmp_path, capsys):
+    from dsdtune.study import main
+    assert main([str(TINY12), "--results", str(tmp_path), "--log", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--log nonsense" in err
+    assert not (tmp_path / "tiny12").exists() or not any((tmp_path / "tiny12").iterdir())
+
+
+def test_mlflow_store_is_the_users_uri_else_sqlite_in_the_results_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert mlflow_tracking_uri(tmp_path / "s") == f"sqlite:///{(tmp_path / 's').resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert mlflow_tracking_uri(tmp_path / "s") == "http://mlflow.example:5000"
+
+
+def test_epoch_metrics_keep_numbers_drop_bookkeeping():
+    result = {"epoch": 3, "val_acc": 0.5, "lr": 0.1, "time_total_s": 9.0, "training_iteration": 1,
+              "layer_densities_json": "{}", "acc_after_D1": 0.4, "val_loss": float("nan"), "status": "ok"}
+    assert epoch_metrics(result, "val_acc") == {"val_acc": 0.5, "lr": 0.1, "acc_after_D1": 0.4}
+
+
+# ---- one real study, run as a user runs it (a subprocess, output piped), shared by the tests below ----
+
+@pytest.fixture(scope="module")
+def tiny12_run(tmp_path_factory):
+    """`python -m dsdtune.study tiny12 --log mlflow --log tensorboard`, with the state API polled meanwhile."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboardX")
+    root = tmp_path_factory.mktemp("tiny12")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dsdtune.study", str(TINY12), "--results", str(root),
+                             "--no-report", "--num-cpus", "2", "--log", "mlflow", "--log", "tensorboard"],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines, actors = [], {}
+    threading.Thread(target=lambda: [lines.append(line) for line in proc.stdout], daemon=True).start()
+
+    def poll_actors():
+        from ray.util.state import list_actors
+        while proc.poll() is None:
+            match = re.search(r"Ray dashboard at (http://[\d.:]+)", "".join(lines))
+            if match:
+                try:
+                    for actor in list_actors(address=match.group(1), detail=True, raise_on_missing_output=False):
+                        actors[actor.actor_id] = (actor.class_name, actor.repr_name)
+                except Exception:  # the dashboard is starting or the study is ending
+                    pass
+            time.sleep(1.0)
+
+    poller = threading.Thread(target=poll_actors, daemon=True)
+    poller.start()
+    code = proc.wait(timeout=900)
+    poller.join(timeout=30)
+    time.sleep(0.5)
+    return SimpleNamespace(code=code, output="".join(lines), out=root / "tiny12", actors=actors)
+
+
+def test_a_12_trial_study_prints_at_most_100_lines_and_no_ray_warning(tiny12_run):
+    assert tiny12_run.code == 0, tiny12_run.output[-3000:]
+    lines = tiny12_run.output.splitlines()
+    assert len(lines) <= 100, tiny12_run.output
+    assert "snapshotting" not in tiny12_run.output and "WARNING" not in tiny12_run.output
+    assert "Trial status" not in tiny12_run.output  # Ray's tables are off
+    log = tiny12_run.out / "ray.log"
+    assert f"Ray's own output goes to {log}" in tiny12_run.output and log.stat().st_size > 0
+    assert "snapshotting may become a bottleneck" not in log.read_text()  # fixed at its cause
+    assert re.search(r"dsdtune: sweep: 12/12 trials done, 0 running, 0 pending; epochs 36/36", tiny12_run.output)
+    assert re.search(r"dsdtune: prefix: 3/3 trials done, .*epochs 6/6", tiny12_run.output)
+    assert "tiny12 finished in" in lines[-1] and "12 ok" in lines[-1]
+
+
+def test_every_trial_is_named_in_the_dashboard(tiny12_run):
+    reprs = {r for _, r in tiny12_run.actors.values() if r}
+    assert reprs, "no actor seen through the state API"
+    pattern = re.compile(r"^tiny12/(prefix D|pipeline\.sparsity=0\.\d+)/seed=[012]$")
+    assert all(pattern.match(r) for r in reprs), reprs
+    assert {c for c, r in tiny12_run.actors.values() if r in reprs} == {"run_trial"}
+    # Actors are reused across trials: each trial's start is a line of its actor's log (here: ray.log).
+    started = re.findall(r"dsdtune: trial (tiny12/\S+ \S+/seed=\d|tiny12/\S+/seed=\d) ", (tiny12_run.out / "ray.log").read_text())
+    assert len(set(started)) == 15  # 3 prefixes + 12 sweep trials
+
+
+def test_mlflow_gets_one_run_per_trial_with_per_epoch_metrics(tiny12_run):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tiny12_run.out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny12")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    sweep = [r for r in runs if r.data.tags["stage"] == "sweep"]
+    assert len(runs) == 15 and len(sweep) == 12
+    assert len({r.info.run_name for r in sweep}) == 12
+    trials = pd.read_csv(tiny12_run.out / "trials.csv")
+    for run in sweep:
+        params = run.data.params
+        assert params["study"] == "tiny12" and run.info.run_name == f"tiny12/{params['arm']}/seed={params['seed']}"
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert [m.step for m in history] == [3, 4, 5]  # epochs after the shared prefix (2 epochs)
+        row = trials[(trials.stage == "sweep") & (trials.arm == params["arm"]) & (trials.seed == int(params["seed"]))]
+        assert history[-1].value == pytest.approx(row.final_val_acc.iloc[0])
+        assert float(params["pipeline.sparsity"]) == row["pipeline.sparsity"].iloc[0]
+        assert run.info.status == "FINISHED"
+
+
+def _scalars(event_file: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+    import struct
+    from tensorboardX.proto.event_pb2 import Event
+    data, scalars, at = event_file.read_bytes(), {}, 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        event = Event.FromString(data[at + 12:at + 12 + length])
+        at += 12 + length + 4
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_event_files_hold_per_epoch_scalars(tiny12_run):
+    files = sorted((tiny12_run.out / "ray" / "sweep").glob("*/events.out.tfevents.*"))
+    assert len(files) == 12
+    trials = pd.read_csv(tiny12_run.out / "trials.csv").set_index("trial_id")
+    for path in files:
+        scalars = _scalars(path)
+        assert [step for step, _ in scalars["val_acc"]] == [3, 4, 5]
+        trial_id = path.parent.name.split("_")[2] + "_" + path.parent.name.split("_")[3]
+        assert scalars["val_acc"][-1][1] == pytest.approx(trials.loc[trial_id, "final_val_acc"], abs=1e-6)
+        assert {"train_loss", "val_loss", "test_acc", "sparsity", "lr"} <= set(scalars)
+
+
+def test_load_results_round_trips_the_studys_files(tiny12_run):
+    import dsdtune
+    results = dsdtune.load_results(tiny12_run.out)
+    pd.testing.assert_frame_equal(results.trials, pd.read_csv(tiny12_run.out / "trials.csv"))
+    history = pd.read_csv(tiny12_run.out / "history.csv")
+    assert len(results.history) == len(history)
+    pd.testing.assert_frame_equal(results.history[history.columns], history)
+    sweep = results.history[results.history.stage == "sweep"]
+    assert sweep.groupby(["arm", "seed"]).epoch.apply(list).map(lambda e: e == [1, 2, 3, 4, 5]).all()
+    assert set(sweep["pipeline.sparsity"]) == {0.0, 0.25, 0.5, 0.75}
+    assert results.meta == json.loads((tiny12_run.out / "study.json").read_text())
+    assert results.summary.empty and results.comparisons.empty  # --no-report: no report tables
+    assert results.factors == ["pipeline.sparsity"] and results.metric == "val_acc"
+
+
+def test_study_json_holds_the_provenance(tiny12_run):
+    from dsdtune.config import load_study
+    from dsdtune.study.provenance import spec_hash
+    meta = json.loads((tiny12_run.out / "study.json").read_text())
+    assert meta["spec_hash"] == spec_hash(load_study(TINY12)) and meta["spec"]["name"] == "tiny12"
+    assert {"python", "dsdtune", "torch", "ray", "optuna"} <= set(meta["versions"])
+    assert meta["machine"]["cpu"] and "gpus" in meta["machine"]
+    assert meta["study_file"] == str(TINY12.resolve()) and "git" in meta
+    assert meta["started"] < meta["ended"]
