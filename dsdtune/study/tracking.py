@@ -3,7 +3,8 @@
 One run per trial, named like the trial in the dashboard (`study/arm/seed=N`); its params are the
 arm's factors (dotted paths as in the study file), the seed, the study and the stage; its metrics
 are the per-epoch values, stepped by the epoch (a sweep trial that starts from a shared prefix
-begins at the prefix's last epoch + 1; the prefix has its own run, stage `prefix`). MLflow groups
+begins at the prefix's last epoch + 1; the prefix's epochs are in the run of the trial that
+trained it). MLflow groups
 the runs of a study in one experiment named after it; TensorBoard reads the event files Tune
 writes into each trial's folder (`tensorboard --logdir results/<study>/ray`).
 
@@ -12,6 +13,7 @@ writes into each trial's folder (`tensorboard --logdir results/<study>/ray`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 from pathlib import Path
@@ -52,6 +54,12 @@ def epoch_metrics(result: dict, metric: str) -> dict[str, float]:
     return values
 
 
+def reported_epochs(result: dict) -> list[dict]:
+    """The epochs one report carries (a trial without a scheduler reports several epochs at once)."""
+    text = result.get("history_json")
+    return json.loads(text) if isinstance(text, str) else [result]
+
+
 def tracking_callbacks(choices: list[str], *, study: str, stage: str, results_dir: Path, metric: str,
                        label_of: Callable[[dict], str], params_of: Callable[[dict], dict]) -> list:
     callbacks = []
@@ -81,9 +89,9 @@ def _mlflow_callback(study, stage, results_dir, metric, label_of, params_of):
                 self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log=params_of(trial.config))
 
         def log_trial_result(self, iteration, trial, result):
-            step = int(result.get("epoch", result.get("training_iteration", iteration)))
-            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=epoch_metrics(result, metric),
-                                         step=step)
+            for epoch in reported_epochs(result):
+                self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=epoch_metrics(epoch, metric),
+                                             step=int(epoch.get("epoch", iteration)))
 
     return StudyMLflow(tracking_uri=uri, experiment_name=study, tags={"study": study, "stage": stage})
 
@@ -95,12 +103,12 @@ def _tensorboard_callback(metric, params_of):
         def log_trial_result(self, iteration, trial, result):
             if trial not in self._trial_writer:
                 self.log_trial_start(trial)
-            step = int(result.get("epoch", result.get("training_iteration", iteration)))
-            values = epoch_metrics(result, metric)
             writer = self._trial_writer[trial]
-            for key, value in values.items():
-                writer.add_scalar(key, value, global_step=step)
-            self._trial_result[trial] = values
+            for epoch in reported_epochs(result):
+                values = epoch_metrics(epoch, metric)
+                for key, value in values.items():
+                    writer.add_scalar(key, value, global_step=int(epoch.get("epoch", iteration)))
+                self._trial_result[trial] = values
             writer.flush()
 
         def log_trial_end(self, trial, failed=False):
