@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from dsdtune.config import SpecError
 from dsdtune.pipeline import Pipeline, run_pipeline
 from dsdtune.sparsity.masks import kept_count
 from dsdtune.sparsity.orthogonal import orthogonality_error
@@ -31,11 +32,13 @@ def test_base_init_masks_have_exact_counts_and_budget(density):
     assert abs(kept - round(0.2 * total)) <= len(pipe.prunable)  # rounding per layer
 
 
-def test_eoi_weights_are_orthogonal_on_their_support():
+def test_eoi_weights_are_orthogonal_on_their_support_with_exact_counts():
     pipe = Pipeline(spec("uniform", "eoi", init_density=0.3))
     for name, weight in pipe.prunable.items():
         assert orthogonality_error(weight) < 1e-5, name
-        assert torch.equal(pipe.init_masks[name], (weight != 0).float())
+        mask = pipe.init_masks[name]
+        assert bool((mask[weight != 0] == 1).all()), name  # the EOI support is in the mask ...
+        assert int(mask.sum()) == kept_count(weight.numel(), pipe.init_result.allocated[name])  # ... topped up
 
 
 def test_ai_is_only_approximately_orthogonal():
@@ -53,12 +56,9 @@ def test_static_sparse_training_keeps_the_init_mask():
     assert result.layer_densities and set(result.layer_densities) == set(result.masks.tensors)
 
 
-def test_dense_flow_starts_from_the_sparse_init_and_regrows():
-    pipe = Pipeline(spec("uniform", "base", flow="D"))
-    zeros_at_start = sum(int((w == 0).sum()) for w in pipe.prunable.values())
-    assert zeros_at_start >= 0.79 * sum(w.numel() for w in pipe.prunable.values())
-    result = pipe.run()
-    assert result.final["sparsity"] < 0.4 and result.masks is None  # no mask: pruned weights regrow
+def test_sparse_init_with_a_flow_not_starting_with_s_is_refused():
+    with pytest.raises(SpecError, match="pipeline.flow: a sparse init .* needs a flow that starts with S"):
+        Pipeline(spec("uniform", "base", flow="D"))
 
 
 def test_dense_orthogonal_init_has_no_mask():
