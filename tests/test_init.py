@@ -246,3 +246,12 @@ def test_deep_mlp_eoi_study_eoi_arm_is_near_isometry_at_init_and_base_is_not():
         values[arm] = Pipeline(run).phase_end["jacobian_sv_max_init"]
     assert values["sparse_eoi"] >= 0.2
     assert values["sparse_base"] < 0.01 * values["sparse_eoi"]
+
+
+def test_allocator_options_reach_only_the_allocator_that_takes_them():
+    """A study sets GraSP's sign once for every allocator it sweeps; uniform/SNIP ignore it."""
+    for density in ("uniform", "erk", "snip", "synflow"):
+        Pipeline(spec(density, sign="flipped", temperature=100.0, rounds=5))
+    flipped, original = Pipeline(spec("grasp", sign="flipped")), Pipeline(spec("grasp", sign="original"))
+    assert flipped.init_masks.kept_counts() != original.init_masks.kept_counts() or any(
+        not torch.equal(flipped.init_masks[n], original.init_masks[n]) for n in flipped.prunable)

@@ -30,7 +30,9 @@ from .topk import kept_count
 
 INIT_STREAM = 1_000_003  # generator stream for init, apart from the data-order streams
 POSITIONS_STREAM = 1_000_033  # positions and values, apart from the allocation's draws
-ALLOCATOR_OPTIONS = ("temperature", "sign", "rounds", "variant", "rescale")
+# init.options each allocator takes (a study may set e.g. GraSP's sign for all its allocators)
+ALLOCATOR_OPTIONS = {"uniform": (), "erk": ("variant",), "er": (), "snip": (), "grasp": ("temperature", "sign"),
+                     "synflow": ("rounds", "rescale")}
 
 
 @dataclass
@@ -84,7 +86,7 @@ def _allocation(model: nn.Module, prunable: dict[str, nn.Parameter], spec: InitS
     """(densities, the pruner's masks if the positions come from it, the scoring batch)."""
     if spec.density not in ALLOCATORS:
         raise SpecError(f"init.density: {spec.density!r} is unknown; allowed: dense, {', '.join(ALLOCATORS)}")
-    options = {k: v for k, v in spec.options.items() if k in ALLOCATOR_OPTIONS}
+    options = {k: v for k, v in spec.options.items() if k in ALLOCATOR_OPTIONS.get(spec.density, ())}
     floors = _floors(prunable, spec)
     if floors is not None:
         options["min_density"] = floors
