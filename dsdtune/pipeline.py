@@ -228,6 +228,8 @@ class Pipeline:
         self.extra: dict[str, Any] = {}
         if self.init_result is not None and self.init_result.floored:
             self.extra["init_floored_layers"] = list(self.init_result.floored)
+        if self.init_masks is not None:  # how many layers EOI's floors held (every weight scheme alike)
+            self.phase_end["init_floored_layers"] = float(len(self.init_result.floored))
         self._record_diagnostics("init")
 
     # ---- phase transitions -----------------------------------------------------------------

@@ -454,7 +454,7 @@ def _trial_rows(results: list, stage: str, factor_of, plan_factors: list[str],
         for key in ("val_acc", "val_loss", "test_acc", "test_loss", "sparsity"):
             row[f"final_{key}"] = metrics.get(key)
         for key, value in metrics.items():
-            if key.startswith(("acc_after_", "val_acc_after_", "jacobian_")):
+            if key.startswith(("acc_after_", "val_acc_after_", "jacobian_", "init_")):
                 row[key] = value
         trials.append(row)
         frame = result.metrics_dataframe

@@ -105,6 +105,7 @@ def test_base_eoi_and_ai_arms_of_one_allocator_get_identical_per_layer_densities
     assert arms["base"].layer_densities == arms["eoi"].layer_densities
     assert arms["base"].extra["init_floored_layers"] == arms["eoi"].extra["init_floored_layers"]
     assert arms["base"].extra["init_floored_layers"]  # the floors do bind here, for every arm
+    assert arms["ai"].phase_end["init_floored_layers"] == len(arms["base"].extra["init_floored_layers"])
     for name, weight in arms["eoi"].prunable.items():  # ... and EOI stays orthogonal at those counts
         if weight.dim() == 2:
             assert orthogonality_error(weight) < 1e-5, name
