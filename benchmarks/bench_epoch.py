@@ -111,12 +111,12 @@ def pipeline_epoch(pipe: Pipeline, with_eval: bool) -> Callable[[], None]:
 
     def run() -> None:
         if not with_eval:
-            pipe._evaluate = lambda: {}
+            pipe.evaluate = lambda: {}
             pipe.measured_sparsity = lambda: 0.0
         try:
             metrics = pipe._train_one_epoch(phase)
         finally:
-            pipe.__dict__.pop("_evaluate", None)
+            pipe.__dict__.pop("evaluate", None)
             pipe.__dict__.pop("measured_sparsity", None)
         if pipe.status != "running":
             raise RuntimeError(f"benchmark run diverged: {metrics}")

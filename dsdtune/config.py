@@ -18,9 +18,6 @@ from pydantic import (
     BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator,
 )
 
-PHASE_KINDS = "DSG"
-
-
 class SpecError(ValueError):
     """A user-caused problem with a study file, an override or a run spec (one line)."""
 
@@ -48,11 +45,69 @@ class TaskSpec(_Strict):
 
 
 class InitSpec(_Strict):
+    """An init scheme: allocation (density, init_density) x mask positions x weight scheme.
+
+    - density: the allocator of per-layer densities. One allocation per (allocator, density, model,
+      base, bias, seed) is shared by every weight scheme; `floors: eoi` raises every arm's layers to
+      what EOI can represent (1/max(fan_out, fan_in)), so base, EOI and AI arms keep identical counts.
+    - positions: `auto` = the pruner's own mask for snip/grasp/synflow with base or AI weights,
+      random positions for uniform/erk; `random` = random positions at the pruner's per-layer
+      densities (a control); EOI always chooses its own positions (only `auto`).
+    - base: the dense weights base and AI start from: the model's own init, or a dense orthogonal
+      init times `gain` (the EOI paper's base arms). Pruners score these weights.
+    - control: Frankle et al. 2021's sanity checks for base weights: `shuffle` the mask within each
+      layer (same counts, random positions), `reinit` the kept weights (same mask, fresh draws).
+    - gain: multiplies EOI and orthogonal weights (1 linear/tanh-near-linear; sqrt(2) ReLU; the EOI
+      code's deep tanh MLP uses 1.0247 with biases N(0, 0.00448)).
+    - bias: every Linear/Conv bias: the model's default, zero, or normal(0, bias_std), all arms.
+    """
+
     density: Literal["dense", "uniform", "erk", "snip", "grasp", "synflow"] = "dense"
     weights: Literal["base", "eoi", "ai"] = "base"
     init_density: StrictFloat = Field(0.1, gt=0.0, le=1.0)
+    positions: Literal["auto", "pruner", "random"] = "auto"
+    base: Literal["default", "orthogonal"] = "default"
+    control: Literal["none", "shuffle", "reinit"] = "none"
+    floors: Literal["eoi", "none"] = "eoi"
+    gain: StrictFloat = Field(1.0, gt=0.0)
+    bias: Literal["default", "zero", "normal"] = "default"
+    bias_std: StrictFloat = Field(0.0, ge=0.0)
     options: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Optional[str] = None  # a trained state_dict to start from (path relative to the study file)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "InitSpec":
+        pruner = self.density in ("snip", "grasp", "synflow")
+        if self.positions != "auto" and self.weights == "eoi":
+            raise ValueError("positions: EOI chooses its own mask positions; leave positions at auto")
+        if self.positions == "pruner" and not pruner:
+            raise ValueError(f"positions: {self.density!r} is not a pruner (snip, grasp, synflow); use auto or random")
+        if self.positions != "auto" and self.density == "dense":
+            raise ValueError("positions: a dense init has no mask; leave positions at auto")
+        if self.control != "none" and (self.weights != "base" or self.density == "dense"):
+            raise ValueError("control: shuffle/reinit are sanity checks of a sparse init with base weights")
+        if self.floors == "none" and self.weights == "eoi":
+            raise ValueError("floors: EOI cannot draw a layer below 1/max(fan_out, fan_in); use floors: eoi")
+        if self.bias == "normal" and self.bias_std <= 0:
+            raise ValueError("bias_std: bias normal needs bias_std > 0 (e.g. 0.00448)")
+        if "gain" in self.options:
+            raise ValueError("options: gain is now init.gain")
+        return self
+
+    @property
+    def sparse(self) -> bool:
+        return self.density != "dense"
+
+    @property
+    def resolved_positions(self) -> str:
+        """pruner | random | eoi | none: where the mask's positions come from."""
+        if self.density == "dense":
+            return "none"
+        if self.weights == "eoi":
+            return "eoi"
+        if self.positions == "auto":
+            return "pruner" if self.density in ("snip", "grasp", "synflow") else "random"
+        return self.positions
 
 
 Scalar = Union[StrictFloat, StrictInt]
@@ -65,14 +120,18 @@ class PipelineSpec(_Strict):
     `sparsity` and `criterion` may also be lists aligned with the sparse phases only (S and G), e.g.
     flow DSDSD with sparsity [0.5, 0.25]; a scalar sparsity is multiplied by `sparsity_decay` for each
     later sparse phase (0.5 with decay 0.5 gives the same schedule). `lr` entries left as null default to `lr_decay` times the
-    previous phase's lr (the DSD paper's 1/10 per phase).
+    previous phase's lr (the DSD paper's 1/10 per phase). `sparsity` left unset (null) means 0.5 for
+    every sparse phase, except a first S phase after a sparse init, which takes the init's density.
+    `exclude_first` left unset means the methods' own default (see `dsdtune.phases`). Which letters
+    exist and which of them are sparse is the phase registry's business (`dsdtune.phases`), checked
+    with the run spec.
     """
 
     flow: str = "DSD"
     epochs: Union[StrictInt, list[StrictInt]] = 10
     lr: Union[StrictFloat, list[Optional[StrictFloat]]] = 0.1
     lr_decay: StrictFloat = Field(0.1, gt=0.0, le=1.0)
-    sparsity: Union[StrictFloat, list[StrictFloat]] = 0.5
+    sparsity: Union[None, StrictFloat, list[StrictFloat]] = None
     sparsity_decay: StrictFloat = Field(1.0, gt=0.0, le=1.0)
     criterion: Union[str, list[str]] = "layerwise_magnitude"
     schedule: Union[Literal["constant", "step", "cosine"], list[Literal["constant", "step", "cosine"]]] = "constant"
@@ -82,31 +141,27 @@ class PipelineSpec(_Strict):
     weight_decay: Union[StrictFloat, list[StrictFloat]] = 5e-4
     gsm_momentum: StrictFloat = Field(0.98, ge=0.0, lt=1.0)
     gsm_budget: Optional[StrictInt] = Field(None, gt=0)
-    exclude_first: StrictBool = True
+    exclude_first: Optional[StrictBool] = None
     exclude: list[str] = Field(default_factory=list)
     weight_histograms: StrictBool = False
+    diagnostics: list[Literal["jacobian"]] = Field(default_factory=list)
+    jacobian_samples: StrictInt = Field(32, gt=0)
 
     @field_validator("flow")
     @classmethod
     def _flow(cls, value: str) -> str:
-        if not value or any(c not in PHASE_KINDS for c in value):
-            raise ValueError(f"must be a non-empty string of phase kinds D, S, G (e.g. DSD), got {value!r}")
+        if not re.fullmatch(r"[A-Z]+", value or ""):
+            raise ValueError(f"must be a non-empty string of phase letters (e.g. DSD), got {value!r}")
         return value
 
     @model_validator(mode="after")
     def _lengths(self) -> "PipelineSpec":
-        n, n_sparse = len(self.flow), sum(c in "SG" for c in self.flow)
+        n = len(self.flow)
         for field in ("epochs", "lr", "schedule", "optimizer", "momentum", "nesterov", "weight_decay"):
             value = getattr(self, field)
             if isinstance(value, list) and len(value) != n:
                 raise ValueError(f"{field}: has {len(value)} entries but flow {self.flow!r} has {n} phases")
-        for field in ("sparsity", "criterion"):
-            value = getattr(self, field)
-            if isinstance(value, list) and len(value) not in (n, n_sparse):
-                raise ValueError(
-                    f"{field}: has {len(value)} entries; flow {self.flow!r} needs {n} (one per phase) "
-                    f"or {n_sparse} (one per S/G phase)")
-        for s in _as_list(self.sparsity):
+        for s in _as_list(self.sparsity) if self.sparsity is not None else []:
             if not 0.0 <= float(s) < 1.0:
                 raise ValueError(f"sparsity: {s} is outside [0, 1) (sparsity is the fraction of zeros)")
         for e in _as_list(self.epochs):
@@ -201,7 +256,7 @@ class ReportSpec(_Strict):
     """How the report concludes: `margin` (metric units, e.g. 0.005 = 0.5 pp of accuracy) is the
     equivalence margin; with it every comparison adds a TOST, without it no equivalence is claimed."""
 
-    margin: Optional[float] = Field(None, gt=0.0)
+    margin: Optional[StrictFloat] = Field(None, gt=0.0)
 
 
 class StudySpec(_Strict):

@@ -210,8 +210,8 @@ def model_cost_for(run_spec: Union[dict, "RunSpec"], dataset=None) -> tuple[Mode
     model = build_model(task.model, data.input_shape, data.num_classes, **task.model_args)
     pipe = spec.pipeline
     prunable = list(prunable_weights(model, exclude_first=pipe.exclude_first, exclude=pipe.exclude))
-    batch = data.train_x[: task.batch_size].to("cpu")
-    return measure_model(model, batch, prunable), int(data.train_x.shape[0])
+    batch, _ = next(iter(data.eval_batches("val", task.batch_size)))  # tensors or streamed alike
+    return measure_model(model, batch.to("cpu"), prunable), int(data.num_train)
 
 
 def trial_cost(run_spec: Union[dict, "RunSpec"], layer_densities_per_phase=None, dataset=None,

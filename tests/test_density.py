@@ -274,3 +274,32 @@ def test_allocate_dispatch_and_errors():
     # SynFlow takes the per-sample shape from a batch when one is given.
     from_batch = allocate("synflow", model, names, 0.2, batch=batch((16,)), rounds=5)
     assert from_batch == allocate("synflow", model, names, 0.2, input_shape=(16,), rounds=5)
+
+
+def test_erk_with_floors_reconsiders_a_layer_made_dense_early():
+    """8x8 and 100x100, floor 0.1 for both, target 0.1: the first pass makes 8x8 dense (eps*raw > 1),
+    then the floor of 100x100 lowers eps, so 8x8 must come back down: exactly 0.1 / 0.1."""
+    shapes = {"small": (8, 8), "big": (100, 100)}
+    densities = erk(shapes, 0.1, min_density=0.1)
+    assert densities == pytest.approx({"small": 0.1, "big": 0.1}, abs=1e-12)
+    assert kept_total(shapes, densities) == round(0.1 * (64 + 10000))
+
+
+@pytest.mark.parametrize("target", [0.02, 0.05, 0.1, 0.3])
+def test_erk_with_floors_is_clip_of_one_eps_and_meets_the_budget(target):
+    shapes = {"a": (8, 8), "b": (100, 100), "c": (10, 300), "d": (64, 32, 3, 3)}
+    floors = {"a": 0.3, "b": 0.05, "c": 0.02, "d": 0.01}
+    densities = erk(shapes, target, min_density=floors)
+    raw = {n: sum(s) / math.prod(s) for n, s in shapes.items()}
+    free = [n for n in shapes if floors[n] < densities[n] < 1.0]
+    eps = {densities[n] / raw[n] for n in free}
+    assert len({round(e, 9) for e in eps}) <= 1  # one eps for every layer between its bounds
+    e = next(iter(eps)) if eps else None
+    for n in shapes:
+        assert floors[n] - 1e-12 <= densities[n] <= 1.0
+        if e is not None and n not in free:  # a bound holds only where eps*raw is past it
+            assert (densities[n] == 1.0 and e * raw[n] >= 1.0 - 1e-9) or (
+                densities[n] == pytest.approx(floors[n]) and e * raw[n] <= floors[n] + 1e-9)
+    total = sum(math.prod(s) for s in shapes.values())
+    kept = sum(densities[n] * math.prod(shapes[n]) for n in shapes)
+    assert kept == pytest.approx(max(target * total, sum(floors[n] * math.prod(shapes[n]) for n in shapes)))

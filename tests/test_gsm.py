@@ -24,7 +24,7 @@ TASK = {"dataset": "synthetic", "dataset_args": {"num_train": 320, "num_test": 1
 
 def spec(**pipeline):
     base = {"flow": "DGD", "epochs": [1, 3, 1], "lr": [0.05, 0.02, 0.005], "sparsity": 0.8, "momentum": 0.9,
-            "weight_decay": 1e-3}
+            "weight_decay": 1e-3, "exclude_first": True}  # GSM's own default would prune the first layer
     base.update(pipeline)
     return {"task": TASK, "pipeline": base, "seed": 3}
 
@@ -197,7 +197,7 @@ def test_passive_decay_matches_lr_wd_over_one_minus_momentum():
     """
     lr, wd, beta, warmup, steps = 0.01, 5e-4, 0.98, 300, 2000
     pipe = Pipeline({"task": TASK, "pipeline": {"flow": "G", "epochs": 1, "lr": lr, "sparsity": 0.8,
-                                                 "weight_decay": wd}, "seed": 0})
+                                                 "weight_decay": wd, "exclude_first": True}, "seed": 0})
     pipe._start_phase(pipe.phases[0])  # fresh optimizer: Z starts at 0
     set_lr(pipe.optimizer, lr)
     params = list(pipe.model.parameters())

@@ -1,7 +1,8 @@
 """Per-layer density allocators for static sparse training: uniform, ERK/ER, SNIP, GraSP, SynFlow.
 
-Each allocator returns {weight name: density}. Only the densities leave this module: the weight
-scheme (base / EOI / AI) redraws where the kept weights sit (the EOI paper's way).
+Each allocator returns {weight name: density}. The pruners (SNIP, GraSP, SynFlow) also give their
+own masks (`pruner_masks`, exactly the masks those densities come from): the init scheme keeps
+them (`init.positions: pruner`) or redraws positions at the same densities (see `sparsity.init`).
 
 Closed-form allocators (uniform, ERK) work on shapes. Score-based ones (SNIP, GraSP, SynFlow) score
 every weight on a deep copy of the model (the caller's model is never touched), keep the global
@@ -12,7 +13,7 @@ Guard (`min_density`): no layer ends below one weight (an empty layer disconnect
 no weight scheme can draw it). `min_density` (a float for every layer, or {name: floor}) raises the
 floor further, e.g. `eoi_min_density(shapes)` for what EOI can represent. Layers that would end
 below their floor are set to it and the rest are re-balanced so the overall budget still holds:
-ERK/uniform re-solve their scale over the remaining layers; score-based allocators re-run the
+ERK/uniform solve clip(eps * raw, floor, 1) exactly; score-based allocators re-run the
 global top-K over the remaining layers. Only when the floors alone exceed the budget is the
 overall density above the target.
 """
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsdtune.sparsity.masks import kept_count
+from dsdtune.sparsity.topk import kept_count, top_k_mask
 
 MinDensity = float | Mapping[str, float] | None
 
@@ -81,32 +82,36 @@ def eoi_min_density(shapes: Mapping[str, Sequence[int]]) -> dict[str, float]:
 def _solve_proportional(
     raw: Mapping[str, float], numels: Mapping[str, int], density: float, floors: Mapping[str, float]
 ) -> tuple[dict[str, float], list[float]]:
-    """density_l = eps * raw_l with eps solved for the budget; clamp at 1 and at the floors.
+    """density_l = clip(eps * raw_l, floor_l, 1) with eps solved for the budget (exact).
 
-    Layers over 1 (the group tied at the largest raw, as in RigL's ERK) become dense and leave the
-    budget; then layers under their floor are fixed at it; eps is re-solved after each change.
-    Returns the densities and every eps solved, in order.
+    The inner loop is RigL's: layers over 1 (the group tied at the largest raw) become dense and
+    leave the budget, eps is re-solved. Then free layers under their floor are fixed at it and the
+    inner loop starts again from scratch, so a layer made dense under a larger eps is reconsidered
+    (fixing floors only lowers eps, so a floored layer never needs releasing). The result is the
+    unique clip(eps * raw, floor, 1) meeting the budget. Returns the densities and every eps solved.
     """
     budget = density * sum(numels.values())
-    fixed: dict[str, float] = {}
+    floored: dict[str, float] = {}
     history: list[float] = []
-    while len(fixed) < len(raw):
-        free = [n for n in raw if n not in fixed]
-        remaining = budget - sum(fixed[n] * numels[n] for n in fixed)
-        eps = max(remaining, 0.0) / sum(raw[n] * numels[n] for n in free)
-        history.append(eps)
-        top = max(raw[n] for n in free)
-        if eps * top > 1.0:
+    while True:
+        dense: set[str] = set()
+        while True:
+            free = [n for n in raw if n not in floored and n not in dense]
+            if not free:
+                break
+            remaining = budget - sum(floored[n] * numels[n] for n in floored) - sum(numels[n] for n in dense)
+            eps = max(remaining, 0.0) / sum(raw[n] * numels[n] for n in free)
+            history.append(eps)
+            top = max(raw[n] for n in free)
+            if eps * top <= 1.0:
+                break
             # Making the densest layers dense only raises eps, so other layers over 1 stay over.
-            fixed.update({n: 1.0 for n in free if raw[n] == top})
-            continue
+            dense.update(n for n in free if raw[n] == top)
         low = [n for n in free if eps * raw[n] < floors[n]]
-        if low:
-            # Fixing layers at their floor only lowers eps, so no layer goes over 1 again.
-            fixed.update({n: floors[n] for n in low})
-            continue
-        fixed.update({n: eps * raw[n] for n in free})
-    return {n: fixed[n] for n in raw}, history
+        if not low:
+            break
+        floored.update({n: floors[n] for n in low})
+    return {n: floored[n] if n in floored else 1.0 if n in dense else eps * raw[n] for n in raw}, history
 
 
 def uniform(
@@ -156,21 +161,6 @@ def erk(
 # Global top-K on scores
 
 
-def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest entries of a 1-D tensor; ties go to the lower index."""
-    n = scores.numel()
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=scores.device)
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=scores.device)
-    # kthvalue is O(n) and exact; topk's order among ties is unspecified.
-    kth = torch.kthvalue(scores, n - k + 1).values
-    keep = scores > kth
-    missing = k - int(keep.sum())
-    keep[torch.nonzero(scores == kth).flatten()[:missing]] = True
-    return keep
-
-
 def _select(
     scores: Mapping[str, torch.Tensor], total_kept: int, floor_counts: Mapping[str, int]
 ) -> dict[str, torch.Tensor]:
@@ -187,7 +177,7 @@ def _select(
         masks: dict[str, torch.Tensor] = {}
         if free:
             budget = total_kept - sum(floor_counts[n] for n in fixed)
-            keep = _top_k(torch.cat([flat[n] for n in free]), budget)
+            keep = top_k_mask(torch.cat([flat[n] for n in free]), budget)
             masks = dict(zip(free, torch.split(keep, [numels[n] for n in free])))
         low = [n for n in free if int(masks[n].sum()) < floor_counts[n]]
         if not low:
@@ -195,7 +185,7 @@ def _select(
         # Each pass fixes at least one more layer, so this ends after at most len(names) passes.
         fixed.update(low)
     for name in fixed:
-        masks[name] = _top_k(flat[name], floor_counts[name])
+        masks[name] = top_k_mask(flat[name], floor_counts[name])
     return masks
 
 
@@ -220,10 +210,7 @@ def keep_masks(
     return {n: masks[n].reshape(s.shape) for n, s in scores.items()}
 
 
-def _densities_from_scores(
-    scores: Mapping[str, torch.Tensor], density: float, min_density: MinDensity
-) -> dict[str, float]:
-    masks = keep_masks(scores, density, min_density)
+def _densities(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return {n: int(m.sum()) / m.numel() for n, m in masks.items()}
 
 
@@ -295,8 +282,20 @@ def snip(
     min_density: MinDensity = None,
 ) -> dict[str, float]:
     """SNIP: per-layer densities of the global top-K of |g * w|."""
+    return _densities(snip_masks(model, names, density, inputs, targets, min_density))
+
+
+def snip_masks(
+    model: nn.Module,
+    names: Iterable[str],
+    density: float,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    min_density: MinDensity = None,
+) -> dict[str, torch.Tensor]:
+    """SNIP's own mask: the global top-K of |g * w| on the batch (bool, per weight)."""
     density = _check_density(density)
-    return _densities_from_scores(snip_scores(model, names, inputs, targets), density, min_density)
+    return keep_masks(snip_scores(model, names, inputs, targets), density, min_density)
 
 
 def grasp_scores(
@@ -346,9 +345,22 @@ def grasp(
     min_density: MinDensity = None,
 ) -> dict[str, float]:
     """GraSP: per-layer densities of the global top-K of `grasp_scores` (see there for the sign)."""
+    return _densities(grasp_masks(model, names, density, inputs, targets, temperature, sign, min_density))
+
+
+def grasp_masks(
+    model: nn.Module,
+    names: Iterable[str],
+    density: float,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 200.0,
+    sign: str = "original",
+    min_density: MinDensity = None,
+) -> dict[str, torch.Tensor]:
+    """GraSP's own mask: the global top-K of `grasp_scores` (bool, per weight)."""
     density = _check_density(density)
-    scores = grasp_scores(model, names, inputs, targets, temperature, sign)
-    return _densities_from_scores(scores, density, min_density)
+    return keep_masks(grasp_scores(model, names, inputs, targets, temperature, sign), density, min_density)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +468,20 @@ def synflow(
     rescale: str = "auto",
     min_density: MinDensity = None,
 ) -> dict[str, float]:
-    """SynFlow (Tanaka et al. 2020): iterative data-free pruning, per-layer densities of the result.
+    """SynFlow: per-layer densities of `synflow_masks`."""
+    return _densities(synflow_masks(model, names, density, input_shape, rounds, rescale, min_density))
+
+
+def synflow_masks(
+    model: nn.Module,
+    names: Iterable[str],
+    density: float,
+    input_shape: Sequence[int],
+    rounds: int = 100,
+    rescale: str = "auto",
+    min_density: MinDensity = None,
+) -> dict[str, torch.Tensor]:
+    """SynFlow (Tanaka et al. 2020): iterative data-free pruning; its own mask (bool, per weight).
 
     Round e = 1..rounds keeps the global top density**(e / rounds) of the weights still kept,
     re-scoring with the pruned weights zeroed. Once a round needs the rescaled pass ("auto"), the
@@ -480,7 +505,7 @@ def synflow(
         # The floors hold in every round, so no layer collapses on the way to the last one.
         keep = _select(scores, kept_count(total, density ** (e / rounds)), floor_counts)
         masks = {n: keep[n].reshape(s.shape).to(state.dtype) for n, s in scores.items()}
-    return {n: int(m.sum()) / m.numel() for n, m in masks.items()}
+    return {n: m.bool() for n, m in masks.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,6 +564,44 @@ ALLOCATORS: dict[str, Callable[..., dict[str, float]]] = {
     "grasp": _allocate_grasp,
     "synflow": _allocate_synflow,
 }
+
+
+def _prune_snip(model, names, density, batch, **options):
+    return snip_masks(model, names, density, *_need_batch("snip", batch), **options)
+
+
+def _prune_grasp(model, names, density, batch, **options):
+    return grasp_masks(model, names, density, *_need_batch("grasp", batch), **options)
+
+
+def _prune_synflow(model, names, density, batch, input_shape=None, **options):
+    if input_shape is None:
+        if batch is None:
+            raise ValueError("the synflow pruner needs input_shape=(per-sample shape) or a batch")
+        input_shape = tuple(batch[0].shape[1:])
+    return synflow_masks(model, names, density, input_shape, **options)
+
+
+# Allocators that are pruners: their own masks (not only their per-layer densities).
+PRUNERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
+    "snip": _prune_snip,
+    "grasp": _prune_grasp,
+    "synflow": _prune_synflow,
+}
+
+
+def pruner_masks(
+    kind: str,
+    model: nn.Module,
+    names: Iterable[str],
+    density: float,
+    batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **options,
+) -> dict[str, torch.Tensor]:
+    """The pruner's own bool masks; `allocate(kind, ...)` gives exactly their per-layer densities."""
+    if kind not in PRUNERS:
+        raise ValueError(f"{kind!r} is not a pruner; pruners: {', '.join(PRUNERS)}")
+    return PRUNERS[kind](model, list(names), density, batch, **options)
 
 
 def allocate(

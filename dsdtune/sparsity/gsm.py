@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .masks import Masks, kept_count
-from .prune import _top_k_mask
+from .masks import Masks
+from .topk import kept_count, top_k_indices, top_k_mask
 
 
 class GlobalSparseMomentum:
@@ -45,8 +45,9 @@ class GlobalSparseMomentum:
         products = torch._foreach_mul(grads, self.params)
         torch.cat([t.reshape(-1) for t in products], out=self.scores)
         self.scores.abs_()
-        # top-k indices, not a >= threshold: ties or mostly-zero scores must not admit extra entries.
-        chosen = torch.topk(self.scores, self.q, sorted=False).indices
+        # exactly Q by the shared top-k rule, not a >= threshold: ties or mostly-zero scores must not
+        # admit extra entries (ties go to the lower index, so a step is deterministic).
+        chosen = top_k_indices(self.scores, self.q)
         self.selected.zero_()
         self.selected[chosen] = 1
         return self.selected
@@ -76,7 +77,7 @@ class GlobalSparseMomentum:
     def truncate(self) -> None:
         """Keep the global top-Q weights by magnitude, zero the rest (GSM does no fine-tuning)."""
         flat = torch.cat([p.detach().abs().reshape(-1) for p in self.params])
-        keep = _top_k_mask(flat, self.q)
+        keep = top_k_mask(flat, self.q)
         start = 0
         self._final = {}
         for name, p in zip(self.names, self.params):

@@ -12,15 +12,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .topk import kept_count  # noqa: F401  (the one rounding rule; re-exported)
+
 PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 RECURRENT_WEIGHT = re.compile(r"weight_(ih|hh)_l\d+(_reverse)?$")
-
-
-def kept_count(numel: int, density: float) -> int:
-    """Weights kept in a tensor of `numel` entries at `density`: round(N*d), at least 1 if d > 0."""
-    if density <= 0:
-        return 0
-    return min(numel, max(1, int(round(numel * density))))
 
 
 def _module_weights(model: nn.Module, include_embedding: bool) -> list[tuple[str, nn.Parameter, bool]]:

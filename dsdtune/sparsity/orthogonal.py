@@ -78,8 +78,12 @@ class _Walk:
         self.angles: list[np.ndarray] = []
 
     def run(self, chunks: Iterator, num_rotations: Optional[int] = None,
-            target_nnz: Optional[float] = None) -> None:
-        """Apply exactly `num_rotations`, or rotate until the count reaches `target_nnz`."""
+            target_nnz: Optional[float] = None, not_above: bool = False) -> None:
+        """Apply exactly `num_rotations`, or rotate until the count reaches `target_nnz`.
+
+        With a target, the last state kept is the closer of the last two, or with `not_above` the
+        last one whose count does not exceed the target.
+        """
         support, last, levels = self.support, self.last_level, self.levels
         append = levels.append
         nnz = self.nnz
@@ -114,7 +118,8 @@ class _Walk:
             self.first.extend(firsts[:used])
             self.second.extend(seconds[:used])
             self.angles.append(angles[:used])
-        if num_rotations is None and levels and target_nnz - previous_nnz < nnz - target_nnz:
+        if num_rotations is None and levels and (
+                nnz > target_nnz if not_above else target_nnz - previous_nnz < nnz - target_nnz):
             # The state before the last rotation is closer to the target: drop that rotation.
             # (support/last_level are not used after this, so they are left as they are.)
             levels.pop()
@@ -181,7 +186,7 @@ def givens_rotations(rows: int, cols: int, num_rotations: int, generator: torch.
     return _finish(walk.matrix64(), rows, cols, gain, dtype)
 
 
-def _eoi_walk(rows: int, cols: int, density: float, generator: torch.Generator) -> _Walk:
+def _eoi_walk(rows: int, cols: int, density: float, generator: torch.Generator, not_above: bool = False) -> _Walk:
     _check_shape(rows, cols)
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
@@ -189,7 +194,7 @@ def _eoi_walk(rows: int, cols: int, density: float, generator: torch.Generator) 
     walk = _Walk(small, big)
     target_nnz = density * small * big
     if big > 1 and target_nnz > small:
-        walk.run(_rotation_chunks(big, generator), target_nnz=target_nnz)
+        walk.run(_rotation_chunks(big, generator), target_nnz=target_nnz, not_above=not_above)
     return walk
 
 
@@ -260,6 +265,48 @@ def eoi_conv(out_channels: int, in_channels: int, kernel_size: Union[int, Sequen
         pick = torch.randperm(free.numel(), generator=generator, device=generator.device)[:missing].cpu()
         mask[free[pick]] = True
     return (weight * gain).to(dtype), mask.reshape(weight.shape).to(dtype)
+
+
+def _top_up(mask: torch.Tensor, kept: int, generator: torch.Generator) -> torch.Tensor:
+    """Make zero positions trainable (mask 1, value 0) at random until the mask holds `kept`."""
+    flat = mask.reshape(-1).clone()
+    missing = kept - int(flat.sum())
+    if missing > 0:
+        free = torch.nonzero(~flat).squeeze(1)
+        pick = torch.randperm(free.numel(), generator=generator, device=generator.device)[:missing].cpu()
+        flat[free[pick]] = True
+    return flat.reshape(mask.shape)
+
+
+def eoi_exact_count(shape: Sequence[int], kept: int, generator: torch.Generator, gain: float = 1.0,
+                    centre_density: Union[None, str, float] = None,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, 0/1 mask) whose mask holds exactly `kept` entries (or the EOI minimum if more).
+
+    The rotations stop at the last state not above `kept` non-zeros (for a conv: the centre matrix
+    at its centre density, not above), then zero positions become trainable at random, as the EOI
+    reference does for conv kernels. So an EOI layer keeps exactly as many weights as a base layer
+    of the same allocated density: arms that differ in the weight scheme differ in nothing else.
+    """
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    if len(shape) == 2:
+        walk = _eoi_walk(shape[0], shape[1], kept / numel, generator, not_above=True)
+        weight = _finish(walk.matrix64(), shape[0], shape[1], 1.0, torch.float64)
+    elif len(shape) >= 3:
+        kernel = shape[2:]
+        if any(k % 2 == 0 for k in kernel):
+            raise ValueError(f"delta-orthogonal EOI needs odd kernel sizes, got {kernel}")
+        kernel_numel = math.prod(kernel)
+        centre_d = centre_matrix_density(kept / numel, kernel_numel, centre_density)
+        walk = _eoi_walk(shape[0], shape[1], centre_d, generator, not_above=True)
+        centre = _finish(walk.matrix64(), shape[0], shape[1], 1.0, torch.float64)
+        weight = torch.zeros(shape, dtype=torch.float64)
+        weight[(slice(None), slice(None)) + tuple(k // 2 for k in kernel)] = centre
+    else:
+        raise ValueError(f"EOI needs a 2-D (Linear) or conv weight shape, got {shape}")
+    mask = _top_up(weight != 0, kept, generator)  # before the gain, so gain 0 still keeps the support
+    return (weight * gain).to(dtype), mask.to(dtype)
 
 
 def eoi_mask_and_weight(shape: Sequence[int], density: float, generator: torch.Generator,

@@ -1,7 +1,7 @@
 """Pruning criteria: which weights a sparse phase keeps.
 
 Each criterion maps {name: weight} and a target sparsity to a `Masks` object with an exact kept
-count. Ties are broken by index (stable sort), so the same weights always give the same mask.
+count; kept counts and ties follow `dsdtune.sparsity.topk` (round(N*d); the lower index wins).
 """
 from __future__ import annotations
 
@@ -9,17 +9,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .masks import Masks, kept_count
-
-
-def _top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """0/1 mask (flat) keeping the k largest scores, earlier index first among equal scores."""
-    flat = scores.reshape(-1)
-    mask = torch.zeros_like(flat)
-    if k > 0:
-        order = torch.sort(flat, descending=True, stable=True).indices
-        mask[order[:k]] = 1
-    return mask
+from .masks import Masks
+from .topk import kept_count, top_k_mask
 
 
 @torch.no_grad()
@@ -29,7 +20,7 @@ def prune_layerwise_magnitude(weights: dict[str, torch.Tensor], sparsity: float,
     tensors = {}
     for name, w in weights.items():
         k = kept_count(w.numel(), 1.0 - sparsity)
-        tensors[name] = _top_k_mask(w.detach().abs(), k).reshape(w.shape).to(w.dtype)
+        tensors[name] = top_k_mask(w.detach().abs(), k).to(w.dtype)
     return Masks(tensors)
 
 
@@ -39,7 +30,7 @@ def prune_global_magnitude(weights: dict[str, torch.Tensor], sparsity: float,
     """One threshold over all layers: keep the K = N_total(1 - sparsity) largest |w| overall."""
     names = list(weights)
     flat = torch.cat([weights[n].detach().abs().reshape(-1).float() for n in names])
-    mask = _top_k_mask(flat, kept_count(flat.numel(), 1.0 - sparsity))
+    mask = top_k_mask(flat, kept_count(flat.numel(), 1.0 - sparsity))
     return Masks(_split(mask, weights))
 
 

@@ -86,7 +86,7 @@ def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str
         for key in ("val_acc", "val_loss", "test_acc", "test_loss", "sparsity"):
             row[f"final_{key}"] = metrics.get(key) if status not in ("prefix_diverged", "prefix_error") else None
         for key, value in metrics.items():
-            if key.startswith(("acc_after_", "val_acc_after_")):
+            if key.startswith(("acc_after_", "val_acc_after_", "jacobian_", "init_")):
                 row[key] = value
         trials.append(row)
         own = [] if status in ("prefix_diverged", "prefix_error") else reported_epochs(result)
