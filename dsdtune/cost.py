@@ -209,7 +209,8 @@ def model_cost_for(run_spec: Union[dict, "RunSpec"], dataset=None) -> tuple[Mode
         task.dataset, device="cpu", val_fraction=task.val_fraction, data_dir=task.data_dir, **task.dataset_args)
     model = build_model(task.model, data.input_shape, data.num_classes, **task.model_args)
     pipe = spec.pipeline
-    prunable = list(prunable_weights(model, exclude_first=pipe.exclude_first, exclude=pipe.exclude))
+    from .phases import resolve_exclude_first
+    prunable = list(prunable_weights(model, exclude_first=resolve_exclude_first(pipe), exclude=pipe.exclude))
     batch, _ = next(iter(data.eval_batches("val", task.batch_size)))  # tensors or streamed alike
     return measure_model(model, batch.to("cpu"), prunable), int(data.num_train)
 
@@ -231,5 +232,5 @@ def trial_cost(run_spec: Union[dict, "RunSpec"], layer_densities_per_phase=None,
     cost, samples = model_cost if model_cost is not None else model_cost_for(spec, dataset)
     # The pipeline uses a sparse init's masks for a first S phase; a dense init leaves it to the criterion.
     init_target = spec.init.init_density if spec.init.density != "dense" else None
-    return flow_cost(cost, expand_phases(spec.pipeline), samples, layer_densities_per_phase,
+    return flow_cost(cost, expand_phases(spec.pipeline, spec.init), samples, layer_densities_per_phase,
                      init_densities, final_densities, init_target_density=init_target)

@@ -74,7 +74,7 @@ def trial_costs(study: Study, source: SpecSource) -> CostTable:
             flow = run.pipeline.flow
             sparse_init = run.init.density != "dense"
             phases = per_phase.get(row["trial_id"])
-            cost = trial_cost(run, [phases.get(p.label) for p in expand_phases(run.pipeline)] if phases else None,
+            cost = trial_cost(run, [phases.get(p.label) for p in expand_phases(run.pipeline, run.init)] if phases else None,
                               model_cost=models[model_key],
                               init_densities=recorded if sparse_init and flow.startswith("S") else None,
                               final_densities=recorded if "G" in flow and not sparse_init else None)

@@ -175,12 +175,12 @@ def _spec_mismatch(study: Study, spec: Any) -> str:
         if meta.get("flow") != spec.pipeline.flow:
             return "flow"
         return ""
-    labels = list(dict.fromkeys(p.label for r in runs.values() for p in expand_phases(r.pipeline)))
+    labels = list(dict.fromkeys(p.label for r in runs.values() for p in expand_phases(r.pipeline, r.init)))
     if meta.get("phase_labels") is not None and set(meta["phase_labels"]) != set(labels):
         return "phase labels"
     total = meta.get("epochs_without_sharing")
     if total is not None:
-        planned = sum(sum(p.epochs for p in expand_phases(r.pipeline)) for r in runs.values()) * len(spec.seed_list)
+        planned = sum(sum(p.epochs for p in expand_phases(r.pipeline, r.init)) for r in runs.values()) * len(spec.seed_list)
         if planned != total:
             return f"epochs: {planned} planned by the file, {total} in study.json"
     return ""

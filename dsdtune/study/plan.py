@@ -134,7 +134,7 @@ def plan_for_arms(spec: StudySpec, arms: list[Arm]) -> Plan:
     from ..pipeline import expand_phases, prefix_id
     seeds = spec.seed_list
     runs = {a.label: _check_trial(spec, a.assign, seeds[0], f" (arm {a.label})" if a.factors else "") for a in arms}
-    phase_lists = {label: expand_phases(run.pipeline) for label, run in runs.items()}
+    phase_lists = {label: expand_phases(run.pipeline, run.init) for label, run in runs.items()}
     reference = next(iter(phase_lists.values()))
     # Task/init/seed are part of a prefix's id; at least one phase is left for each trial on its own.
     length = min(len(p) for p in phase_lists.values()) - 1 if spec.share_prefixes else 0
@@ -187,5 +187,5 @@ def phase_labels(spec: StudySpec, plan: Plan) -> list[str]:
     from ..pipeline import expand_phases
     runs = [build_run_spec(spec.base_run(), a.assign, plan.seeds[0]) for a in plan.arms] or \
         [build_run_spec(spec.base_run(), {}, plan.seeds[0])]
-    labels = [p.label for run in runs for p in expand_phases(run.pipeline)]
+    labels = [p.label for run in runs for p in expand_phases(run.pipeline, run.init)]
     return list(dict.fromkeys(labels))

@@ -394,7 +394,7 @@ class StudyConsole:
             key = json.dumps({k: v for k, v in config.items() if k != "__trial_index__"}, sort_keys=True, default=str)
             if key not in cache:
                 _, run = _run_of(payload, config)
-                epochs = [p.epochs for p in expand_phases(run.pipeline)]
+                epochs = [p.epochs for p in expand_phases(run.pipeline, run.init)]
                 if stage == "prefix":
                     cache[key] = (0, sum(epochs[:prefix_length]))
                 else:  # a dependent trial starts from its stored prefix

@@ -25,6 +25,7 @@ def describe_tasks(plan: Plan) -> str:
     """Each distinct task's prunable layers with their sizes (what --dry-run prints)."""
     from ..data import DatasetUnavailable, load_dataset
     from ..models import build_model, load_init_checkpoint
+    from ..phases import resolve_exclude_first
     from ..sparsity.masks import describe_prunable
     lines = []
     for run in distinct_runs(plan):
@@ -41,5 +42,5 @@ def describe_tasks(plan: Plan) -> str:
         kind = "streamed" if data.streaming else "tensors"
         lines.append(f"{title} ({data.num_train} training samples of shape {list(data.input_shape)}, "
                      f"{data.num_classes} classes, {kind}):")
-        lines.append(describe_prunable(model, run.pipeline.exclude_first, run.pipeline.exclude))
+        lines.append(describe_prunable(model, resolve_exclude_first(run.pipeline), run.pipeline.exclude))
     return "\n".join(lines)
