@@ -217,7 +217,7 @@ def test_tensorboard_event_files_hold_per_epoch_scalars(tiny12_run):
     for path in files:
         scalars = _scalars(path)
         assert [step for step, _ in scalars["val_acc"]] in ([1, 2, 3, 4, 5], [3, 4, 5])  # as for MLflow
-        trial_id = path.parent.name.split("_")[2] + "_" + path.parent.name.split("_")[3]
+        trial_id = json.loads((path.parent / "result.json").read_text().splitlines()[0])["trial_id"]
         assert scalars["val_acc"][-1][1] == pytest.approx(trials.loc[trial_id, "final_val_acc"], abs=1e-6)
         assert {"train_loss", "val_loss", "test_acc", "sparsity", "lr"} <= set(scalars)
 
