@@ -24,8 +24,10 @@ from ray import tune
 from . import plugins
 from .config import build_run_spec
 from .pipeline import Pipeline, prefix_id
+from .sparsity.mask_files import nonzero_masks, save_masks
 
 STATE_FILE = "pipeline_state.pt"
+MASKS_FILE = "masks.npz"
 # Without a scheduler a trial reports at phase ends, checkpoints and at most every REPORT_EVERY_S
 # seconds, each report carrying the epochs since the last one: every report is a round trip through
 # the driver, which with short epochs costs as much as the training (schedulers get every epoch).
@@ -176,6 +178,8 @@ def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> 
             directory = tempfile.mkdtemp(prefix="dsdtune-ckpt-")  # fresh for every checkpoint
             try:
                 torch.save(pipe.state_dict(), os.path.join(directory, STATE_FILE))
+                if finished:  # the trial's final masks (its nonzero pattern), 1 bit per weight
+                    save_masks(nonzero_masks(pipe.prunable), os.path.join(directory, MASKS_FILE))
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
             finally:  # report() has persisted it, or a scheduler stopped the trial inside report()
                 shutil.rmtree(directory, ignore_errors=True)

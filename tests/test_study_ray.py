@@ -49,6 +49,12 @@ def test_study_runs_shares_prefixes_and_records_divergence(ray_local, tmp_path):
     assert history[history.trial_id == ok_trial].epoch.tolist() == list(range(1, 8))  # prefix epochs included
     meta = json.loads((out / "study.json").read_text())
     assert meta["factors"] == ["variant", "pipeline.sparsity"] and meta["shared_prefix"] is True
+    # every finished trial's final masks are saved and load back with the trial's measured sparsity
+    from dsdtune.sparsity.mask_files import load_masks
+    for _, row in sweep[sweep.status == "ok"].iterrows():
+        masks = load_masks(out / "masks" / f"{row.trial_id}.npz")
+        assert masks.sparsity() == pytest.approx(row.final_sparsity, abs=1e-12)
+    assert not (out / "masks").exists() or len(list((out / "masks").iterdir())) == (sweep.status == "ok").sum()
     # A trial restored from the shared prefix ends exactly where an uninterrupted run ends.
     row = sweep[(sweep.variant == "stable") & (sweep["pipeline.sparsity"] == 0.5) & (sweep.seed == 1)].iloc[0]
     ref = reference_metrics(TINY, overrides, {"pipeline.sparsity": 0.5}, 1)

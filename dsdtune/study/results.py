@@ -1,4 +1,5 @@
-"""Result files of a study: the trial table, per-epoch histories, layer densities and study.json.
+"""Result files of a study: the trial table, per-epoch histories, layer densities, each trial's final
+masks (masks/<trial_id>.npz, `dsdtune.sparsity.mask_files.load_masks`) and study.json.
 
 Every file is written atomically (temp file, then rename), so a reader never sees half a file.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -58,8 +60,18 @@ def _history_rows(trial_id: str, own: list[dict], before: list[dict]) -> list[di
     return [{"trial_id": trial_id, **{k: by_epoch[e].get(k) for k in HISTORY_COLUMNS}} for e in sorted(by_epoch)]
 
 
+def _copy_masks(checkpoint, target: Path) -> None:
+    """The final masks the trial stored with its last checkpoint, as masks/<trial_id>.npz (atomically)."""
+    with checkpoint.as_directory() as directory:
+        source = Path(directory) / "masks.npz"
+        if source.exists():
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+
+
 def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str, list[dict]], seeds: list[int],
-                interrupted: bool):
+                interrupted: bool, masks_dir: Path):
     trials, histories, layers, weights = [], [], [], []
     for result in results:
         config, metrics = result.config or {}, result.metrics or {}
@@ -92,6 +104,9 @@ def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str
         own = [] if status in ("prefix_diverged", "prefix_error") else reported_epochs(result)
         before = prefix_histories.get(row["prefix_id"], []) if metrics.get("role") == "dependent" else []
         histories += _history_rows(trial_id, own, before)
+        if status in ("ok", "stopped") and result.checkpoint is not None:
+            masks_dir.mkdir(parents=True, exist_ok=True)
+            _copy_masks(result.checkpoint, masks_dir / f"{trial_id}.npz")
         for name, density in json.loads(metrics.get("layer_densities_json") or "{}").items():
             layers.append({"trial_id": trial_id, "layer": name, "density": density})
         for label, hist in json.loads(metrics.get("weight_histograms_json") or "{}").items():
@@ -151,7 +166,7 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
     trials, histories, layers, weights = [], [], [], []
     for stage, results in stages.items():
         t, h, l, w = _trial_rows(results, stage, factor_of, prefix_histories, seeds_by_stage.get(stage, plan.seeds),
-                                 interrupted)
+                                 interrupted, results_dir / "masks")
         trials += t
         histories += h
         layers += l
