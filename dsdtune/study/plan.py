@@ -167,8 +167,10 @@ def describe_plan(spec: StudySpec, plan: Plan) -> str:
         for arm in plan.arms:
             lines.append(f"  arm {arm.label}: {plan.epochs_per_trial[arm.label]} epochs per trial")
     if plan.prefixes:
+        where = ("in stage 'prefix', before the search" if spec.search.algorithm == "optuna" else
+                 "by one trial of each, which stores it for the others the moment it ends")
         lines.append(f"shared prefixes: {len(plan.prefixes)} (first {plan.prefix_length} phase(s), "
-                     f"{plan.prefix_epochs} epochs each), trained once in stage 'prefix'")
+                     f"{plan.prefix_epochs} epochs each), trained once {where}")
     if spec.search.algorithm != "optuna":
         lines.append(f"epochs: {plan.epochs_with_sharing} with shared prefixes, "
                      f"{plan.epochs_without_sharing} without")

@@ -74,8 +74,10 @@ class StageProgress(Callback):
 
     def __init__(self, stage: str, *, total_trials: int, epochs_of: Callable[[dict], tuple[int, int]],
                  metric: str, mode: str, arm_of: Callable[[dict], str], out: TextIO = None,
-                 live: Optional[bool] = None, interval_s: float = PLAIN_INTERVAL_S):
+                 live: Optional[bool] = None, interval_s: float = PLAIN_INTERVAL_S,
+                 planned_epochs: Optional[int] = None):
         self.stage, self.total_trials, self.epochs_of = stage, total_trials, epochs_of
+        self.planned_epochs = planned_epochs  # the plan's count, when it knows it (shared prefixes counted once)
         self.metric, self.mode, self.arm_of = metric, mode, arm_of
         self.out = out or sys.stdout
         self.live_wanted = self.out.isatty() if live is None else live
@@ -179,7 +181,10 @@ class StageProgress(Callback):
             # A finished trial (ended, diverged or stopped by a scheduler) has nothing left to train.
             remaining = sum(max(0, end - self._epoch.get(t, start)) for t, (start, end) in self._span.items()
                             if self._status.get(t) not in ("TERMINATED", "ERROR"))
-            remaining += (total_trials - known) * mean_planned
+            if self.planned_epochs is not None:  # trials not created yet train what the plan has left
+                remaining += max(0, self.planned_epochs - sum(planned))
+            else:
+                remaining += (total_trials - known) * mean_planned
             epochs_total = epochs_done + remaining
             diverged = len(self._diverged)
         elapsed = time.monotonic() - self._started
@@ -428,7 +433,7 @@ class StudyConsole:
         return named_trainable(trainable, self.label_of(payload, stage))
 
     def callbacks(self, name: str, stage: str, *, payload: dict, prefix_length: int,
-                  param_space: dict, tune_extra: Optional[dict] = None) -> list:
+                  param_space: dict, tune_extra: Optional[dict] = None, planned_epochs: Optional[int] = None) -> list:
         """The progress display of this stage, and the trackers the user asked for."""
         total = int((tune_extra or {}).get("num_samples", 1))
         for value in param_space.values():
@@ -437,7 +442,7 @@ class StudyConsole:
         progress = StageProgress(name, total_trials=total, epochs_of=self.epochs_of(payload, stage, prefix_length),
                                  metric=self.spec.metric, mode=self.spec.mode,
                                  arm_of=lambda config: arm_label(stage, config), out=self.out,
-                                 live=False if self.verbose else None)
+                                 live=False if self.verbose else None, planned_epochs=planned_epochs)
         from .tracking import tracking_callbacks
         return [progress] + tracking_callbacks(list(self.log), study=self.spec.name, stage=stage,
                                                results_dir=self.results_dir, metric=self.spec.metric,

@@ -228,7 +228,8 @@ def _run_tuner(name: str, ray_storage: str, payload: dict, spec: StudySpec, plan
     if console is not None:  # progress display, trial names in the dashboard, trackers (--log)
         trainable = console.name_trials(trainable, name, payload)
         callbacks += console.callbacks(name, name, payload=payload, prefix_length=plan.prefix_length,
-                                       param_space=param_space or {}, tune_extra=tune_config)
+                                       param_space=param_space or {}, tune_extra=tune_config,
+                                       planned_epochs=plan.epochs_with_sharing if plan.arms else None)
     path = f"{ray_storage.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=param_space)
