@@ -110,6 +110,9 @@ def main() -> None:
 
     local_s, local_epochs = run_in_process(args.study, sets)
     ray1_s, ray1_epochs, trials = run_through_ray(args.study, sets, 1)
+    # epochs_trained counts a trial's whole flow; the shared prefix was trained once, by one trial of each
+    sharing = sum(1 for pid in plan.trial_prefix.values() if pid in plan.prefixes)
+    ray1_epochs -= plan.prefix_epochs * (sharing - len(plan.prefixes))
     cpus = os.cpu_count() or 1
     rayn_s, _, _ = run_through_ray(args.study, sets, cpus)
     limit_s, limit_epochs = run_parallel_limit(args.study, sets, cpus)
