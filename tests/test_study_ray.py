@@ -108,7 +108,7 @@ def test_dashboard_needs_the_token_and_shows_the_gauges(tmp_path):
 
 
 def test_killed_driver_resumes_every_trial_once_with_same_results(tmp_path):
-    overrides = ["pipeline.epochs=[4, 30, 30]", "checkpoint_every_s=0.2",
+    overrides = ["pipeline.epochs=[4, 200, 200]", "checkpoint_every_s=0.2",
                  "search.space={pipeline.sparsity: {grid: [0.0, 0.5, 0.75]}}"]
     args = _args(tmp_path, overrides)
     proc, lines = _start(args, tmp_path)
