@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +13,7 @@ import pytest
 import requests
 import torch
 
+from drivers import start_study, wait_for
 from dsdtune.config import build_run_spec, load_study
 from dsdtune.pipeline import run_pipeline
 from dsdtune.study import main
@@ -62,43 +62,24 @@ def test_study_runs_shares_prefixes_and_records_divergence(ray_local, tmp_path):
     assert row.final_val_loss == pytest.approx(ref["val_loss"], rel=1e-6)
 
 
-def _start(args, cwd):
-    proc = subprocess.Popen([sys.executable, "-m", "dsdtune.study", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "token"})
-    lines = []
-    threading.Thread(target=lambda: [lines.append(line) for line in proc.stdout], daemon=True).start()
-    return proc, lines
-
-
-def _wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _args(tmp_path, overrides):
     return [str(TINY), "--results", str(tmp_path / "results"), "--no-report"] + sum((["--set", o] for o in overrides), [])
 
 
 def test_dashboard_needs_the_token_and_shows_the_gauges(tmp_path):
     # Long phases, so that the study is still running while Ray exports the gauges (every few seconds).
-    proc, lines = _start(_args(tmp_path, ["pipeline.epochs=[400, 400, 400]"]), tmp_path)
+    proc, lines = start_study(_args(tmp_path, ["pipeline.epochs=[400, 400, 400]"]), tmp_path)
     try:
         text = lambda: "".join(lines)
-        dash = _wait_for(lambda: re.search(r"Ray dashboard at (http://[\d.:]+)", text()), 120, "the dashboard line")
-        metrics_url = _wait_for(lambda: re.search(r"Prometheus metrics \S+ at (http://\S+)", text()), 30, "metrics")
+        dash = wait_for(lambda: re.search(r"Ray dashboard at (http://[\d.:]+)", text()), 120, "the dashboard line")
+        metrics_url = wait_for(lambda: re.search(r"Prometheus metrics \S+ at (http://\S+)", text()), 30, "metrics")
         assert dash.group(1).startswith("http://127.0.0.1:")
         token = (Path.home() / ".ray" / "auth_token").read_text().strip()
         assert token not in text()  # where the token is gets printed, never the token
         assert requests.get(dash.group(1) + "/api/version", timeout=10).status_code == 401
         reply = requests.get(dash.group(1) + "/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert reply.status_code == 200 and reply.json()["ray_version"]
-        gauges = _wait_for(lambda: (lambda t: t if "ray_dsdtune_epoch{" in t else "")(
+        gauges = wait_for(lambda: (lambda t: t if "ray_dsdtune_epoch{" in t else "")(
             requests.get(metrics_url.group(1), timeout=10).text), 120, "the dsdtune gauges on the metrics endpoint")
         assert 'ray_dsdtune_val_metric{' in gauges and 'study="tiny"' in gauges and "ray_dsdtune_sparsity{" in gauges
         assert proc.poll() is None  # still running: the gauges were live, not left over
@@ -111,10 +92,10 @@ def test_killed_driver_resumes_every_trial_once_with_same_results(tmp_path):
     overrides = ["pipeline.epochs=[4, 200, 200]", "checkpoint_every_s=0.2",
                  "search.space={pipeline.sparsity: {grid: [0.0, 0.5, 0.75]}}"]
     args = _args(tmp_path, overrides)
-    proc, lines = _start(args, tmp_path)
+    proc, lines = start_study(args, tmp_path)
     sweep_dir = tmp_path / "results" / "tiny" / "ray" / "sweep"
     try:  # kill the driver (and the Ray instance it owns) as soon as the sweep has produced results
-        _wait_for(lambda: any(p.stat().st_size > 0 for p in sweep_dir.glob("*/result.json")), 300, "sweep results")
+        wait_for(lambda: any(p.stat().st_size > 0 for p in sweep_dir.glob("*/result.json")), 300, "sweep results")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -150,7 +131,7 @@ def test_cluster_spreads_trials_and_survives_a_lost_node(tmp_path):
         sweep_dir = tmp_path / "tiny" / "ray" / "sweep"
 
         def remove_a_worker():
-            _wait_for(lambda: sweep_dir.exists() and len(list(sweep_dir.glob("*/checkpoint_*"))) >= 2, 300,
+            wait_for(lambda: sweep_dir.exists() and len(list(sweep_dir.glob("*/checkpoint_*"))) >= 2, 300,
                       "sweep checkpoints")
             cluster.remove_node(workers[1])
 

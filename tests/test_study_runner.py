@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -13,32 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from dsdtune.config import build_run_spec, first_difference, load_study
-from dsdtune.config import SpecError
+from drivers import start_study, wait_for
+from dsdtune.config import SpecError, build_run_spec, first_difference, load_study
 from dsdtune.pipeline import run_pipeline
 from dsdtune.study.state import StudyLock
 
 TINY = Path(__file__).parent / "studies" / "tiny.yaml"
 OVERRIDES = ["pipeline.epochs=[3, 300, 300]", "checkpoint_every_s=30",
              "search.space={pipeline.sparsity: {grid: [0.0, 0.5, 0.75]}}"]
-
-
-def _start(args, cwd):
-    proc = subprocess.Popen([sys.executable, "-m", "dsdtune.study", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
-    threading.Thread(target=lambda: [lines.append(line) for line in proc.stdout], daemon=True).start()
-    return proc, lines
-
-
-def _wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _descendants(root: int) -> set[int]:
@@ -93,11 +74,11 @@ def reference(overrides, sparsity, seed):
 def test_lock_loopback_ctrl_c_and_resume_of_the_same_study(tmp_path):
     results = tmp_path / "results"
     args = [str(TINY), "--results", str(results), "--no-report"] + sum((["--set", o] for o in OVERRIDES), [])
-    proc, lines = _start(args, tmp_path)
+    proc, lines = start_study(args, tmp_path)
     out = results / "tiny"
     try:
         # Running: the sweep has produced results (some trials are in their S/D phases).
-        _wait_for(lambda: any(p.stat().st_size > 0 for p in (out / "ray" / "sweep").glob("*/result.json")), 300,
+        wait_for(lambda: any(p.stat().st_size > 0 for p in (out / "ray" / "sweep").glob("*/result.json")), 300,
                   "sweep results")
         # A second driver on the same storage is refused, before Ray.
         second = subprocess.run([sys.executable, "-m", "dsdtune.study", *args, "--resume"], cwd=tmp_path,

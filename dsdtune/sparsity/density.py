@@ -548,12 +548,17 @@ def _allocate_grasp(model, names, density, batch, **options):
     return grasp(model, names, density, *_need_batch("grasp", batch), **options)
 
 
+def _synflow_input_shape(input_shape, batch) -> tuple:
+    """SynFlow scores an all-ones input: its per-sample shape, given or taken from a batch."""
+    if input_shape is not None:
+        return tuple(input_shape)
+    if batch is None:
+        raise ValueError("synflow needs input_shape=(per-sample shape) or a batch")
+    return tuple(batch[0].shape[1:])
+
+
 def _allocate_synflow(model, names, density, batch, input_shape=None, **options):
-    if input_shape is None:
-        if batch is None:
-            raise ValueError("the synflow allocator needs input_shape=(per-sample shape) or a batch")
-        input_shape = tuple(batch[0].shape[1:])
-    return synflow(model, names, density, input_shape, **options)
+    return synflow(model, names, density, _synflow_input_shape(input_shape, batch), **options)
 
 
 ALLOCATORS: dict[str, Callable[..., dict[str, float]]] = {
@@ -575,11 +580,7 @@ def _prune_grasp(model, names, density, batch, **options):
 
 
 def _prune_synflow(model, names, density, batch, input_shape=None, **options):
-    if input_shape is None:
-        if batch is None:
-            raise ValueError("the synflow pruner needs input_shape=(per-sample shape) or a batch")
-        input_shape = tuple(batch[0].shape[1:])
-    return synflow_masks(model, names, density, input_shape, **options)
+    return synflow_masks(model, names, density, _synflow_input_shape(input_shape, batch), **options)
 
 
 # Allocators that are pruners: their own masks (not only their per-layer densities).
