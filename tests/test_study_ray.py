@@ -124,15 +124,26 @@ def test_cluster_spreads_trials_and_survives_a_lost_node(tmp_path):
     workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     ray.init(address=cluster.address)
     try:
-        overrides = ["resources.gpu=0.5", "pipeline.epochs=[6, 6, 6]", "checkpoint_every_s=1", "max_failures=3",
+        overrides = ["resources.gpu=0.5", "pipeline.epochs=[6, 200, 200]", "checkpoint_every_s=1", "max_failures=3",
                      "search.space={pipeline.sparsity: {grid: [0.0, 0.25, 0.5, 0.75]}}"]
         args = [str(TINY), "--results", str(tmp_path), "--no-report", "--address", cluster.address]
         args += sum((["--set", o] for o in overrides), [])
         sweep_dir = tmp_path / "tiny" / "ray" / "sweep"
+        doomed = workers[1].node_id
 
-        def remove_a_worker():
-            wait_for(lambda: sweep_dir.exists() and len(list(sweep_dir.glob("*/checkpoint_*"))) >= 2, 300,
-                      "sweep checkpoints")
+        def nodes_reporting() -> set:
+            found = set()
+            for path in sweep_dir.glob("*/result.json"):
+                for line in path.read_text().splitlines():
+                    try:
+                        found.add(json.loads(line).get("node_id"))
+                    except ValueError:  # a line being written
+                        pass
+            return found
+
+        def remove_a_worker():  # once trials run on both workers (and have checkpoints to restart from)
+            wait_for(lambda: doomed in nodes_reporting() and len(list(sweep_dir.glob("*/checkpoint_*"))) >= 2,
+                     300, "trials on both workers")
             cluster.remove_node(workers[1])
 
         killer = threading.Thread(target=remove_a_worker, daemon=True)
@@ -142,7 +153,10 @@ def test_cluster_spreads_trials_and_survives_a_lost_node(tmp_path):
         trials = pd.read_csv(tmp_path / "tiny" / "trials.csv")
         sweep = trials[trials.stage == "sweep"]
         assert len(sweep) == 8 and (sweep.status == "ok").all()  # no trial lost, none errored
-        assert trials.node_id.nunique() == 2  # trials ran on both workers
+        nodes = [set(ids.split()) for ids in trials.node_ids]
+        assert len(set().union(*nodes)) == 2  # trials ran on both workers
+        assert trials.node_id.nunique() == 1  # and ended on the one left
+        assert any(len(n) == 2 for n in nodes)  # a trial of the lost node restarted on the other one
     finally:
         ray.shutdown()
         cluster.shutdown()

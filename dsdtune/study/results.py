@@ -60,6 +60,14 @@ def _history_rows(trial_id: str, own: list[dict], before: list[dict]) -> list[di
     return [{"trial_id": trial_id, **{k: by_epoch[e].get(k) for k in HISTORY_COLUMNS}} for e in sorted(by_epoch)]
 
 
+def _nodes_reported(result) -> list[str]:
+    """Every node the trial reported from, in order (a trial restarted elsewhere after a lost node has two)."""
+    frame = result.metrics_dataframe
+    if frame is None or "node_id" not in frame:
+        return []
+    return list(dict.fromkeys(str(n) for n in frame["node_id"].dropna()))
+
+
 def _copy_masks(checkpoint, target: Path) -> None:
     """The final masks the trial stored with its last checkpoint, as masks/<trial_id>.npz (atomically)."""
     with checkpoint.as_directory() as directory:
@@ -94,6 +102,7 @@ def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str
         row = {"trial_id": trial_id, "stage": stage, "arm": arm, **factors, "seed": seed,
                "status": status, "prefix_id": metrics.get("prefix_id", config.get("prefix", "")),
                "epochs_trained": metrics.get("epochs_trained", 0), "node_id": metrics.get("node_id", ""),
+               "node_ids": " ".join(_nodes_reported(result)),
                "wall_time_s": round(float(metrics.get("time_total_s", 0.0)), 3)}
         for key in ("val_acc", "val_loss", "test_acc", "test_loss", "sparsity"):
             row[f"final_{key}"] = metrics.get(key) if status not in ("prefix_diverged", "prefix_error") else None
