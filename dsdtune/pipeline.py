@@ -264,6 +264,8 @@ class Pipeline:
         self.generator = torch.Generator().manual_seed(derive_seed(self.spec.seed, phase.index))
         self._ensure_optimizer(phase)
         kind_of(phase.kind).start(self, phase)
+        if self.masks is not None:  # the densities this phase trains at (exact costs, layers.csv)
+            self.extra.setdefault("phase_layer_densities", {})[phase.label] = self.masks.layer_densities()
         self.phase_started = True
 
     # Helpers the phase kinds use.

@@ -153,6 +153,7 @@ def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> 
             report["layer_densities_json"] = json.dumps(pipe.layer_densities or pipe.extra.get("gsm_layer_densities", {}))
             report["weight_histograms_json"] = json.dumps(pipe.histograms)
             report["gsm_overlap_json"] = json.dumps(pipe.extra.get("gsm_overlap", []))
+            report["phase_layer_densities_json"] = json.dumps(pipe.extra.get("phase_layer_densities", {}))
         if report.get(metric) is None or report[metric] != report[metric]:
             report[metric] = _worst(study)  # NaN breaks schedulers
         gauges = _gauges()

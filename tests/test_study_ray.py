@@ -49,6 +49,11 @@ def test_study_runs_shares_prefixes_and_records_divergence(ray_local, tmp_path):
     assert history[history.trial_id == ok_trial].epoch.tolist() == list(range(1, 8))  # prefix epochs included
     meta = json.loads((out / "study.json").read_text())
     assert meta["factors"] == ["variant", "pipeline.sparsity"] and meta["shared_prefix"] is True
+    # the S phase's own per-layer densities are recorded (exact costs): layer-wise pruning keeps half of each layer
+    layers = pd.read_csv(out / "layers.csv")
+    half = sweep[(sweep["pipeline.sparsity"] == 0.5) & (sweep.status == "ok")].trial_id
+    s1 = layers[layers.trial_id.isin(half) & (layers.phase_label == "S1")]
+    assert len(s1) == 2 * len(half) and (s1.density == 0.5).all()  # the two hidden layers; the first stays dense
     # every finished trial's final masks are saved and load back with the trial's measured sparsity
     from dsdtune.sparsity.mask_files import load_masks
     for _, row in sweep[sweep.status == "ok"].iterrows():

@@ -281,6 +281,11 @@ def plot_layers(an: Analysis) -> Figure | None:
     t2a = _trial_arm(an.arms)
     ok = {tid for a in an.arms for tid in a.rows.loc[a.rows["status"] == "ok", "trial_id"]}
     lay = lay[lay["trial_id"].isin(ok)]
+    if "phase_label" in lay.columns:  # a trial's init (or GSM) densities, else its last masked phase's
+        labelled = lay["phase_label"].notna()
+        plain = set(lay.loc[~labelled, "trial_id"])
+        last = lay.loc[labelled].groupby("trial_id")["phase_label"].transform("last").reindex(lay.index)
+        lay = lay[~labelled | (~lay["trial_id"].isin(plain) & (lay["phase_label"] == last))]
     if lay.empty:
         return None
     order = list(dict.fromkeys(lay["layer"]))

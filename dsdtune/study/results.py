@@ -118,6 +118,10 @@ def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str
             _copy_masks(result.checkpoint, masks_dir / f"{trial_id}.npz")
         for name, density in json.loads(metrics.get("layer_densities_json") or "{}").items():
             layers.append({"trial_id": trial_id, "layer": name, "density": density})
+        # the masked phases' own per-layer densities (exact training FLOPs in the report)
+        for label, by_layer in json.loads(metrics.get("phase_layer_densities_json") or "{}").items():
+            layers += [{"trial_id": trial_id, "layer": name, "density": density, "phase_label": label}
+                       for name, density in by_layer.items()]
         for label, hist in json.loads(metrics.get("weight_histograms_json") or "{}").items():
             counts = hist["counts"]
             width = (hist["max"] - hist["min"]) / len(counts)
