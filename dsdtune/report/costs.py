@@ -1,9 +1,9 @@
 """Per-trial parameters and FLOPs, from the study's resolved spec and the densities trials recorded.
 
 Which densities: layers.csv rows with a `phase_label` give that phase's per-layer densities as
-trained (exact; the runner does not write them yet); rows without one hold a sparse init's
+trained (exact; every masked phase's, written by the runner); rows without one hold a sparse init's
 densities (flows that start with S) or GSM's after truncation (flows with G), used as recorded;
-otherwise layer-wise criteria (DSD's default) keep an exact count per layer, so an S phase's
+otherwise (results from before phases recorded them) layer-wise criteria (DSD's default) keep an exact count per layer, so an S phase's
 densities follow from its sparsity, and global magnitude pruning's target density stands in
 (flagged `cost_exact` False).
 Every trial gets the cost of its planned flow; per-arm means use the ok trials.
