@@ -331,15 +331,7 @@ def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dataset_loader(name: str) -> Callable[..., Any]:
     """The loader a task.dataset name stands for: built-in, registered, or an import path."""
     from . import plugins
-
-    if plugins.is_import_path(name):
-        return plugins.resolve(name, "task.dataset")
-    if name in DATASETS:
-        return DATASETS[name]
-    if name in plugins.registered("dataset"):
-        return plugins.registered("dataset")[name]
-    allowed = ", ".join(sorted(DATASETS) + sorted(plugins.registered("dataset")) + ["module:function"])
-    raise SpecError(f"task.dataset: {name!r} is unknown; allowed: {allowed}")
+    return plugins.lookup(name, "dataset", DATASETS, "task.dataset", sorted(DATASETS))
 
 
 def val_split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -440,16 +440,7 @@ def _torchvision_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
 def model_factory(name: str) -> Callable[..., nn.Module]:
     """The factory a task.model name stands for: built-in, registered, or an import path."""
     from . import plugins
-
-    if plugins.is_import_path(name):
-        return plugins.resolve(name, "task.model")
-    if name in MODELS:
-        return MODELS[name]
-    if name in plugins.registered("model"):
-        return plugins.registered("model")[name]
-    allowed = ", ".join(list(MODELS) + list(plugins.registered("model")) + [f"{TORCHVISION_PREFIX}<name>",
-                                                                              "module:function"])
-    raise SpecError(f"task.model: {name!r} is unknown; allowed: {allowed}")
+    return plugins.lookup(name, "model", MODELS, "task.model", list(MODELS) + [f"{TORCHVISION_PREFIX}<name>"])
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **model_args: Any) -> nn.Module:

@@ -99,6 +99,22 @@ def resolve(import_path: str, field: str) -> Callable:
     return target
 
 
+def lookup(name: str, kind: str, builtins: dict[str, Callable], field: str, allowed: list[str]) -> Callable:
+    """What a task.model / task.dataset name stands for: an import path, a built-in, or a registered one.
+
+    `allowed` lists the built-in names as the error message shows them (the registered names and
+    `module:function` are added).
+    """
+    if is_import_path(name):
+        return resolve(name, field)
+    if name in builtins:
+        return builtins[name]
+    if name in registered(kind):
+        return registered(kind)[name]
+    raise SpecError(f"{field}: {name!r} is unknown; allowed: "
+                    f"{', '.join(allowed + sorted(registered(kind)) + ['module:function'])}")
+
+
 def registered(kind: str) -> dict[str, Callable]:
     """Callables registered in this process by name ('model' or 'dataset')."""
     return _REGISTERED[kind]

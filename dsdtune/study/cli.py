@@ -19,7 +19,7 @@ from typing import Optional
 from .. import plugins
 from ..config import SpecError, default_studies_dir, load_study, resolve_study_path
 from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, confirm_arms, describe_plan, make_plan
-from .state import StudyLock, check_same_spec, state_dir, stop_file, store_spec
+from .state import StudyLock, check_same_spec, spec_file, stop_file, store_spec
 from .tasks import describe_tasks, distinct_runs
 from .tracking import check_tracking
 from .validate import check_control, check_gpu, check_search, check_storage, check_tasks
@@ -115,7 +115,7 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
     if args.fresh:
         if ray_state is not None and ray_state.exists():
             shutil.rmtree(ray_state)
-        (state_dir(results_dir) / "spec.json").unlink(missing_ok=True)
+        spec_file(results_dir).unlink(missing_ok=True)
     store_spec(results_dir, spec)
     hint = f"continue with: {resume_command(argv)}"
     from .progress import StudyConsole

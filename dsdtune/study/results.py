@@ -31,16 +31,18 @@ def trial_status(result, interrupted: bool) -> str:
     return "interrupted" if interrupted else "stopped"
 
 
+def epochs_in_report(report: dict) -> list[dict]:
+    """The epochs one report carries (a trial without a scheduler reports several at once)."""
+    text = report.get("history_json")
+    return json.loads(text) if isinstance(text, str) else [report]
+
+
 def reported_epochs(result) -> list[dict]:
     """Every epoch a trial reported, in order: each report carries the epochs since the previous one."""
     frame = result.metrics_dataframe
     if frame is None or frame.empty:
         return []
-    epochs = []
-    for row in frame.to_dict("records"):
-        text = row.get("history_json")
-        epochs += json.loads(text) if isinstance(text, str) else [row]
-    return epochs
+    return [epoch for row in frame.to_dict("records") for epoch in epochs_in_report(row)]
 
 
 def _history_rows(trial_id: str, own: list[dict], before: list[dict]) -> list[dict]:

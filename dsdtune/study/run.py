@@ -245,8 +245,7 @@ def _run_tuner(name: str, ray_storage: str, payload: dict, spec: StudySpec, plan
                            tune_config=tune.TuneConfig(reuse_actors=True,
                                                        max_concurrent_trials=spec.max_concurrent or None,
                                                        **(tune_config or {})))
-    results = list(tuner.fit())
-    return results
+    return list(tuner.fit())
 
 
 def sweep_trials(plan: Plan, arms: list[Arm]) -> list[dict]:

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import SpecError, StudySpec, first_difference, spec_hash, study_identity
+from ..config import SpecError, StudySpec, first_difference, get_by_path, spec_hash, study_identity
 
 STATE_DIR = ".dsdtune"
 
@@ -108,10 +108,8 @@ def check_same_spec(results_dir: Path, spec: StudySpec) -> None:
                     f"same study file and --set values, or use --fresh to start over")
 
 
-def _value(tree, path: str):
-    node = tree
-    for key in path.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
+def _value(tree: dict, path: str):
+    try:
+        return get_by_path(tree, path)
+    except (KeyError, IndexError, TypeError, ValueError):  # the field exists on one side only
+        return None

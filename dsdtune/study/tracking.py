@@ -13,13 +13,13 @@ writes into each trial's folder (`tensorboard --logdir results/<study>/ray`).
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 from pathlib import Path
 from typing import Callable
 
 from ..config import SpecError
+from .results import epochs_in_report
 
 CHOICES = ("mlflow", "tensorboard")
 _NEEDS = {"mlflow": ("mlflow", "mlflow-skinny"), "tensorboard": ("tensorboardX", "tensorboardX")}
@@ -54,12 +54,6 @@ def epoch_metrics(result: dict, metric: str) -> dict[str, float]:
     return values
 
 
-def reported_epochs(result: dict) -> list[dict]:
-    """The epochs one report carries (a trial without a scheduler reports several epochs at once)."""
-    text = result.get("history_json")
-    return json.loads(text) if isinstance(text, str) else [result]
-
-
 def tracking_callbacks(choices: list[str], *, study: str, stage: str, results_dir: Path, metric: str,
                        label_of: Callable[[dict], str], params_of: Callable[[dict], dict]) -> list:
     callbacks = []
@@ -89,7 +83,7 @@ def _mlflow_callback(study, stage, results_dir, metric, label_of, params_of):
                 self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log=params_of(trial.config))
 
         def log_trial_result(self, iteration, trial, result):
-            for epoch in reported_epochs(result):
+            for epoch in epochs_in_report(result):
                 self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=epoch_metrics(epoch, metric),
                                              step=int(epoch.get("epoch", iteration)))
 
@@ -104,7 +98,7 @@ def _tensorboard_callback(metric, params_of):
             if trial not in self._trial_writer:
                 self.log_trial_start(trial)
             writer = self._trial_writer[trial]
-            for epoch in reported_epochs(result):
+            for epoch in epochs_in_report(result):
                 values = epoch_metrics(epoch, metric)
                 for key, value in values.items():
                     writer.add_scalar(key, value, global_step=int(epoch.get("epoch", iteration)))
