@@ -28,9 +28,9 @@ from .data import Dataset, StreamingDataset, dataset_loader, load_dataset
 from .models import TORCHVISION_PREFIX, build_model, load_init_checkpoint, model_factory
 from .phases import PHASE_KINDS, init_mask_letters, kind_of, resolve_exclude_first
 from .sparsity.masks import MaskApplier, Masks, measured_sparsity, prunable_weights
+from .seeding import generator, seed_everything
 from .training import (
-    derive_seed, evaluate_batches, make_optimizer, scheduled_lr, seed_everything, select_device,
-    set_hyperparameters, set_lr, train_batches,
+    evaluate_batches, make_optimizer, scheduled_lr, select_device, set_hyperparameters, set_lr, train_batches,
 )
 
 DEFAULT_SPARSITY = 0.5  # a sparse phase's target when pipeline.sparsity is not set (DSD's CNN setting)
@@ -261,7 +261,7 @@ class Pipeline:
         self.optimizer_phase = phase.index
 
     def _start_phase(self, phase: Phase) -> None:
-        self.generator = torch.Generator().manual_seed(derive_seed(self.spec.seed, phase.index))
+        self.generator = generator(self.spec.seed, phase.index)
         self._ensure_optimizer(phase)
         kind_of(phase.kind).start(self, phase)
         if self.masks is not None:  # the densities this phase trains at (exact costs, layers.csv)

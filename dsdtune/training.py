@@ -1,4 +1,4 @@
-"""One epoch, evaluation, optimizer and LR schedule, seeding, device choice.
+"""One epoch, evaluation, optimizer and LR schedule, device choice.
 
 The loop is deliberately minimal (it takes the batches a dataset gives: index slices of device
 tensors, or a streaming DataLoader's; the loss is summed on the device so a GPU never syncs
@@ -8,10 +8,8 @@ where masks are applied.
 from __future__ import annotations
 
 import math
-import random
 from typing import Callable, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,25 +24,6 @@ def select_device(requested: str = "auto") -> torch.device:
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed the global generators (model init, dropout); data order uses its own generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def derive_seed(seed: int, *stream: int) -> int:
-    """A 63-bit seed for a sub-stream (e.g. (seed, phase index)); stable across processes."""
-    value = seed & 0xFFFFFFFFFFFF
-    for s in stream:
-        # splitmix64-style mixing: neighbouring (seed, phase) pairs give unrelated streams.
-        value = (value * 0x9E3779B97F4A7C15 + s + 1) & 0xFFFFFFFFFFFFFFFF
-        value ^= value >> 31
-        value = (value * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        value ^= value >> 29
-    return value & 0x7FFFFFFFFFFFFFFF
 
 
 def make_optimizer(params, kind: str, lr: float, momentum: float = 0.9, nesterov: bool = False,

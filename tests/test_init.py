@@ -128,7 +128,7 @@ def test_snip_pruner_mask_is_the_top_k_of_g_times_w_on_its_scoring_batch():
     from dsdtune.models import build_model
     from dsdtune.sparsity.density import snip_scores
     from dsdtune.sparsity.topk import top_k_mask
-    from dsdtune.training import seed_everything
+    from dsdtune.seeding import seed_everything
 
     pipe = Pipeline(snip_spec())
     assert pipe.init_result.positions == "pruner" and not pipe.init_result.floored

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import InitSpec, SpecError
+from ..seeding import generator as seeded_generator
 from .density import ALLOCATORS, PRUNERS, allocate, eoi_min_density, pruner_masks
 from .masks import Masks
 from .orthogonal import approximate_isometry, eoi_exact_count
@@ -106,9 +107,8 @@ def _allocation(model: nn.Module, prunable: dict[str, nn.Parameter], spec: InitS
 @torch.no_grad()
 def initialize(model: nn.Module, prunable: dict[str, nn.Parameter], spec: InitSpec, data, seed: int) -> InitResult:
     """Set biases and prunable weights in place; return the masks (None for a dense init) and the allocation."""
-    from ..training import derive_seed
-    generator = torch.Generator().manual_seed(derive_seed(seed, INIT_STREAM))
-    values_gen = torch.Generator().manual_seed(derive_seed(seed, POSITIONS_STREAM))
+    generator = seeded_generator(seed, INIT_STREAM)
+    values_gen = seeded_generator(seed, POSITIONS_STREAM)
     init_biases(model, spec.bias, spec.bias_std, generator)
     if spec.base == "orthogonal":
         for weight in prunable.values():
