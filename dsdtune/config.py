@@ -27,6 +27,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
+class KindSettings(_Strict):
+    """Base of a phase kind's own settings block (`pipeline.<settings_key>` in a study file): every field
+    typed and with a default; unknown keys, wrong types and non-finite numbers are refused."""
+
+
 class TaskSpec(_Strict):
     dataset: str = "mnist1d"
     dataset_args: dict[str, Any] = Field(default_factory=dict)
@@ -122,10 +127,15 @@ class PipelineSpec(_Strict):
     later sparse phase (0.5 with decay 0.5 gives the same schedule). `lr` entries left as null default to `lr_decay` times the
     previous phase's lr (the DSD paper's 1/10 per phase). `sparsity` left unset (null) means 0.5 for
     every sparse phase, except a first S phase after a sparse init, which takes the init's density.
-    `exclude_first` left unset means the methods' own default (see `dsdtune.phases`). Which letters
-    exist and which of them are sparse is the phase registry's business (`dsdtune.phases`), checked
-    with the run spec.
+    `exclude_first` left unset means the methods' own default (see `dsdtune.phases`); `criterion` left
+    unset means each kind's own default (layer-wise magnitude; global magnitude for lottery tickets).
+    Which letters exist, which of them are sparse and which settings blocks they own
+    (`pipeline.gsm`, `pipeline.gradual`, `pipeline.dst`, `pipeline.rewind`, and users' kinds' blocks:
+    the keys beyond the fields below) is the phase registry's business (`dsdtune.phases.check_flow`).
     """
+
+    # A kind's own block is a key of its own (e.g. pipeline.gradual); phases.check_flow validates them.
+    model_config = ConfigDict(extra="allow", validate_assignment=False, allow_inf_nan=False)
 
     flow: str = "DSD"
     epochs: Union[StrictInt, list[StrictInt]] = 10
@@ -133,14 +143,12 @@ class PipelineSpec(_Strict):
     lr_decay: StrictFloat = Field(0.1, gt=0.0, le=1.0)
     sparsity: Union[None, StrictFloat, list[StrictFloat]] = None
     sparsity_decay: StrictFloat = Field(1.0, gt=0.0, le=1.0)
-    criterion: Union[str, list[str]] = "layerwise_magnitude"
+    criterion: Union[None, str, list[str]] = None
     schedule: Union[Literal["constant", "step", "cosine"], list[Literal["constant", "step", "cosine"]]] = "constant"
     optimizer: Union[Literal["sgd", "adam"], list[Literal["sgd", "adam"]]] = "sgd"
     momentum: Union[StrictFloat, list[StrictFloat]] = 0.9
     nesterov: Union[StrictBool, list[StrictBool]] = False
     weight_decay: Union[StrictFloat, list[StrictFloat]] = 5e-4
-    gsm_momentum: StrictFloat = Field(0.98, ge=0.0, lt=1.0)
-    gsm_budget: Optional[StrictInt] = Field(None, gt=0)
     exclude_first: Optional[StrictBool] = None
     exclude: list[str] = Field(default_factory=list)
     weight_histograms: StrictBool = False

@@ -1,71 +1,221 @@
-"""Phase kinds as registered objects: what a phase does at its start, at every step, and at its end.
+"""Phase kinds: the one place a sparse-training method lives.
 
-A flow is a string of phase letters ("DSD", "DGD", "S"). Each letter names a `PhaseKind`:
-- `start(pipe, phase)`: the transition into the phase (choose masks, drop them, build GSM ...);
-- `hooks(pipe)`: the per-step hooks the epoch loop calls (`before_step`, `after_step`, or `step`
-  replacing the optimizer step);
-- `end_epoch(pipe)` and `end(pipe, phase, metrics)`: bookkeeping after an epoch and at the phase end
-  (GSM truncates; the end's metrics are measured after it);
-- `state_dict` / `load_state_dict`: what a checkpoint taken inside the phase must carry.
-Class attributes say how the spec maps onto the phase: `sparse` (takes a target sparsity and a
-criterion), `uses_gsm_momentum`, `decays_weights_only`, `includes_first_layer` (the method's own
-default for `pipeline.exclude_first`).
+A flow is a string of phase letters ("DSD", "DMD", "DLLL"); each letter names a `PhaseKind`. A kind owns
+- its **settings**: class attributes that say how the pipeline's per-phase lists apply to it (`sparse`:
+  it takes a target `pipeline.sparsity`; `criteria`: the `pipeline.criterion` values it accepts) and,
+  optionally, its own block in the study file (`settings_key`, validated by its `Settings` model, e.g.
+  `pipeline.gradual: {every_steps: 100}`);
+- its **state**: `start()` makes the transition into the phase (choose masks, drop them, rewind) and
+  returns a `PhaseState`, the object that lives for the phase: per-step hooks that know the step index
+  in the phase (and `ctx.total_steps`), epoch and phase ends, and `state_dict()` for checkpoints and
+  shared prefixes, so a run resumed in the middle of any phase continues bit for bit;
+- its **cost**: the state records the per-layer densities it trains at from each step on
+  (`record_densities`) and any extra work (`record_work`, e.g. RigL's dense gradients), which
+  `dsdtune.cost` turns into training FLOPs; nothing else looks at a kind's letter.
 
-Adding a method (gradual magnitude pruning, RigL/SET, lottery-ticket rewinding) is one subclass here
-and one `register` call; config, pipeline and report look kinds up in `PHASE_KINDS`.
+Kinds talk to the pipeline through `PhaseContext` (the model, its prunable weights, the optimizer, the
+masks, seeded generators, snapshots of earlier weights); this module never imports the pipeline.
+Flow expansion (per-phase settings from scalars or lists) lives here, next to the kinds it reads.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
-from .config import PipelineSpec, SpecError
-from .sparsity.prune import CRITERIA
+import torch
+from pydantic import Field, StrictFloat, StrictInt, ValidationError
 
-if TYPE_CHECKING:  # the pipeline passes itself in; no import cycle at run time
-    from .pipeline import Phase, Pipeline
+from .config import InitSpec, KindSettings, PipelineSpec, SpecError, _as_list, format_validation_error
+from .sparsity.masks import Masks
+from .sparsity.prune import CRITERIA, MAGNITUDE_CRITERIA
+
+DEFAULT_SPARSITY = 0.5  # a sparse phase's target when pipeline.sparsity is not set (DSD's CNN setting)
+
+Densities = dict[str, float]  # prunable weight name -> density; {} means every layer dense
+
+
+@dataclass(frozen=True)
+class Phase:
+    index: int
+    kind: str  # a letter of PHASE_KINDS
+    label: str  # D1, S1, D2, ... (kind + ordinal of that kind)
+    epochs: int
+    lr: float
+    sparsity: float  # target for sparse kinds, 0 for the others
+    criterion: str  # "" for kinds without one
+    schedule: str
+    optimizer: str
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    settings: dict = field(default_factory=dict)  # the kind's own block, validated, defaults filled in
+
+
+class PhaseContext(Protocol):
+    """What a phase kind may read and change; the pipeline implements it.
+
+    Read: `model`, `prunable` (name -> weight), `optimizer`, `masks` (the bound Masks or None),
+    `init_masks` (a sparse init's), `phase`, `steps_per_epoch`, `total_steps` (of the phase), `extra`
+    (a dict reported with the trial's results; kinds write their own keys).
+    Change: `set_masks`, `release_masks`, `mask_grads` / `mask_weights` (the per-step mask application,
+    a no-op when nothing is masked), `reset_optimizer`, `load_weights`.
+    Randomness: `generator(stream)` is the phase's own generator for `stream` (derived from the trial's
+    seed and the phase index, never the data order's).
+    """
+
+    model: torch.nn.Module
+    prunable: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    masks: Optional[Masks]
+    init_masks: Optional[Masks]
+    phase: Phase
+    steps_per_epoch: int
+    total_steps: int
+    extra: dict[str, Any]
+
+    def set_masks(self, masks: Masks) -> None: ...
+    def release_masks(self) -> None: ...
+    def mask_grads(self, step: int = 0) -> None: ...
+    def mask_weights(self, step: int = 0) -> None: ...
+    def reset_optimizer(self) -> None: ...
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None: ...
+    def generator(self, stream: int) -> torch.Generator: ...
+    def snapshot(self, phase_index: int, step: int) -> dict[str, torch.Tensor]: ...
+    def evaluate(self) -> dict: ...
+    def measured_sparsity(self) -> float: ...
+
+
+class PhaseState:
+    """One phase's live state: created by its kind's `start`, dropped at the phase end.
+
+    Hooks (`hooks()`): `before_step(step)` after the backward pass, `step(step)` instead of the
+    optimizer's step, `after_step(step)` after it; `step` counts the phase's optimizer steps from 0.
+    `state_dict()` holds everything the state needs to continue after a checkpoint (tensors on the CPU
+    are fine: `load_state_dict` moves them), `load_state_dict()` restores it without repeating the
+    phase's transition.
+    """
+
+    # Streams of `ctx.generator` a kind may use; other numbers are free for users' kinds.
+    CRITERION_STREAM, GROW_STREAM = 1, 2
+
+    def __init__(self, ctx: PhaseContext, phase: Phase, settings: Optional[KindSettings] = None):
+        self.ctx, self.phase, self.settings = ctx, phase, settings
+        self.density_changes: list[tuple[int, Densities]] = []  # (first step, densities from then on)
+        self.work: list[tuple[int, Densities, float]] = []  # (step, densities, forward passes per sample)
+
+    # ---- the transition and the steps ------------------------------------------------------
+    def enter(self) -> None:
+        """The transition into the phase (called once, by `PhaseKind.start`)."""
+
+    def hooks(self) -> dict[str, Callable[[int], None]]:
+        return {}
+
+    def end_epoch(self) -> None:
+        pass
+
+    def end(self, metrics: dict) -> None:
+        """The phase's last step is done; metrics measured after this (`metrics` may be updated)."""
+
+    # ---- cost ----------------------------------------------------------------------------------
+    def record_densities(self, step: int) -> None:
+        """From `step` on, the phase trains at the bound masks' densities (dense when there are none)."""
+        densities = self.ctx.masks.layer_densities() if self.ctx.masks is not None else {}
+        if self.density_changes and self.density_changes[-1][0] == step:
+            self.density_changes[-1] = (step, densities)
+        elif not self.density_changes or self.density_changes[-1][1] != densities:
+            self.density_changes.append((step, densities))
+
+    def record_work(self, step: int, densities: Densities, passes: float) -> None:
+        """Extra work at `step`: `passes` forward passes per sample of that step's batch at `densities`."""
+        self.work.append((step, dict(densities), float(passes)))
+
+    def cost_record(self) -> dict:
+        return {"density_changes": [[s, d] for s, d in self.density_changes],
+                "work": [[s, d, p] for s, d, p in self.work]}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"cost": self.cost_record()}
+
+    def load_state_dict(self, state: dict) -> None:
+        cost = state.get("cost") or {}
+        self.density_changes = [(int(s), dict(d)) for s, d in cost.get("density_changes", [])]
+        self.work = [(int(s), dict(d), float(p)) for s, d, p in cost.get("work", [])]
+
+
+class MaskedState(PhaseState):
+    """A phase trained under the bound masks: gradients masked before and weights after every step."""
+
+    def hooks(self):
+        return {"before_step": self.ctx.mask_grads, "after_step": self.ctx.mask_weights}
 
 
 class PhaseKind:
-    letter: str = ""
-    name: str = ""
-    sparse: bool = False  # takes a target sparsity (and a criterion, if `criteria` is not None)
-    criteria: Optional[dict] = None  # allowed `pipeline.criterion` values, None if the kind has none
-    uses_gsm_momentum: bool = False  # a scalar pipeline.momentum yields to pipeline.gsm_momentum
-    decays_weights_only: bool = False  # weight decay on layer weights only, never biases/norms
-    includes_first_layer: bool = False  # the method's own default: prune the first layer too
-    trains_init_mask: bool = False  # as a flow's first phase, it trains a sparse init's mask
+    """A method, as a flow letter. Subclass it, set the class attributes, give it a `State`."""
 
-    def check(self, phase: "Phase") -> None:
-        if self.criteria is not None and phase.criterion not in self.criteria:
-            raise SpecError(f"pipeline.criterion: {phase.criterion!r} is unknown; allowed: {', '.join(self.criteria)}")
+    letter: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    State: ClassVar[type[PhaseState]] = PhaseState
+    settings_key: ClassVar[Optional[str]] = None  # the study file's pipeline.<settings_key> block
+    Settings: ClassVar[Optional[type[KindSettings]]] = None
+    sparse: ClassVar[bool] = False  # takes a target sparsity (pipeline.sparsity)
+    criteria: ClassVar[Optional[dict]] = None  # accepted pipeline.criterion values; None: takes none
+    default_criterion: ClassVar[str] = "layerwise_magnitude"
+    dense: ClassVar[bool] = False  # trains every weight, no mask: a leading dense phase is a baseline
+    includes_first_layer: ClassVar[bool] = False  # the method's own default: prune the first layer too
+    trains_init_mask: ClassVar[bool] = False  # as a flow's first phase, it trains a sparse init's mask
+    decays_weights_only: ClassVar[bool] = False  # weight decay on layer weights only, never biases/norms
 
-    def start(self, pipe: "Pipeline", phase: "Phase") -> None:
-        pass
+    def settings(self, phase: Phase) -> Optional[KindSettings]:
+        return self.Settings(**phase.settings) if self.Settings is not None else None
 
-    def hooks(self, pipe: "Pipeline") -> dict[str, Any]:
+    def phase_defaults(self, settings: Optional[KindSettings]) -> dict[str, Any]:
+        """Phase fields the kind sets where the pipeline gives a scalar for every phase (GSM's momentum)."""
         return {}
 
-    def end_epoch(self, pipe: "Pipeline") -> None:
-        pass
+    def check(self, phase: Phase, phases: list[Phase]) -> None:
+        """Checks beyond the settings model; raise SpecError with one line."""
+        if self.criteria is not None and phase.criterion not in self.criteria:
+            raise SpecError(f"pipeline.criterion: {phase.criterion!r} is not a criterion of {self.letter} "
+                            f"({self.name}); allowed: {', '.join(self.criteria)}")
 
-    def end(self, pipe: "Pipeline", phase: "Phase", metrics: dict) -> None:
-        pass
+    def check_steps(self, phase: Phase, phases: list[Phase], steps_per_epoch: int) -> None:
+        """Checks that need the task's steps per epoch (run once the data is known)."""
 
-    def state_dict(self, pipe: "Pipeline") -> Optional[dict]:
-        return None
+    def snapshots(self, phase: Phase, phases: list[Phase]) -> list[tuple[int, int]]:
+        """(phase index, step) points of the flow whose weights this phase needs (lottery tickets)."""
+        return []
 
-    def load_state_dict(self, pipe: "Pipeline", phase: "Phase", state: Optional[dict]) -> None:
-        pass
+    def start(self, ctx: PhaseContext, phase: Phase) -> PhaseState:
+        state = self.State(ctx, phase, self.settings(phase))
+        state.enter()
+        state.record_densities(0)
+        return state
+
+    def resume(self, ctx: PhaseContext, phase: Phase, saved: dict) -> PhaseState:
+        state = self.State(ctx, phase, self.settings(phase))
+        state.load_state_dict(saved)
+        return state
+
+    def describe(self) -> dict[str, Any]:
+        """What the report needs to know of the kind (written to study.json)."""
+        return {"name": self.name, "dense": self.dense, "sparse": self.sparse}
 
 
 PHASE_KINDS: dict[str, PhaseKind] = {}
 
 
-def register(kind: PhaseKind) -> PhaseKind:
-    if len(kind.letter) != 1 or not kind.letter.isupper():
-        raise ValueError(f"a phase kind is one capital letter, got {kind.letter!r}")
-    PHASE_KINDS[kind.letter] = kind
-    return kind
+def register(kind: PhaseKind | type[PhaseKind], letter: Optional[str] = None) -> PhaseKind:
+    """Make a kind usable in flows under its letter (or `letter`); returns the registered instance."""
+    instance = kind() if isinstance(kind, type) else kind
+    letter = letter or instance.letter
+    if len(letter) != 1 or not letter.isupper():
+        raise ValueError(f"a phase kind is one capital letter, got {letter!r}")
+    if instance.letter != letter:
+        instance.letter = letter
+    PHASE_KINDS[letter] = instance
+    return instance
 
 
 def kind_of(letter: str) -> PhaseKind:
@@ -76,17 +226,32 @@ def init_mask_letters() -> str:
     return "".join(k for k, v in PHASE_KINDS.items() if v.trains_init_mask)
 
 
+# ---------------------------------------------------------------------------------------------
+# The built-in kinds
+
+
+class DenseState(PhaseState):
+    def enter(self):
+        self.ctx.release_masks()  # re-dense: pruned weights restart from exactly 0 with zero momentum
+
+
 class Dense(PhaseKind):
     """D: train every weight. After a masked phase (re-dense) the pruned weights restart from
     exactly zero with zero momentum, and the mask is dropped."""
 
     letter, name = "D", "dense"
+    State = DenseState
+    dense = True
 
-    def start(self, pipe, phase):
-        pipe.release_masks()
 
-    def hooks(self, pipe):
-        return pipe.mask_hooks()
+class SparseState(MaskedState):
+    def enter(self):
+        ctx, phase = self.ctx, self.phase
+        if phase.index == 0 and ctx.init_masks is not None:
+            ctx.set_masks(ctx.init_masks)  # static sparse training from a sparse init
+        else:
+            ctx.set_masks(CRITERIA[phase.criterion](dict(ctx.prunable), phase.sparsity,
+                                                    generator=ctx.generator(self.CRITERION_STREAM)))
 
 
 class Sparse(PhaseKind):
@@ -94,67 +259,76 @@ class Sparse(PhaseKind):
     starts with S), fixed during the phase; gradients masked before and weights after each step."""
 
     letter, name = "S", "sparse"
+    State = SparseState
     sparse = True
     trains_init_mask = True
     criteria = CRITERIA
 
-    def start(self, pipe, phase):
-        if phase.index == 0 and pipe.init_masks is not None:
-            masks = pipe.init_masks  # static sparse training from a sparse init
-        else:
-            masks = CRITERIA[phase.criterion](dict(pipe.prunable), phase.sparsity, generator=pipe.generator)
-        pipe.set_masks(masks)
 
-    def hooks(self, pipe):
-        return pipe.mask_hooks()
+class GSMSettings(KindSettings):
+    momentum: StrictFloat = Field(0.98, ge=0.0, lt=1.0)  # GSM's beta where pipeline.momentum is one value
+    budget: Optional[StrictInt] = Field(None, gt=0)  # kept weights instead of a sparsity (the paper's Q)
 
 
-class GlobalSparseMomentum(PhaseKind):
-    """G: global sparse momentum SGD (see `dsdtune.sparsity.gsm`), truncated at the phase end. The
-    official code puts the first layer in the global top-Q, so G includes it by default."""
+class GSMState(PhaseState):
+    def _build(self):
+        from .sparsity.gsm import GlobalSparseMomentum
+        ctx = self.ctx
+        return GlobalSparseMomentum(ctx.model, ctx.prunable, ctx.optimizer, self.phase.sparsity,
+                                    budget=self.settings.budget)
 
-    letter, name = "G", "gsm"
+    def enter(self):
+        self.ctx.release_masks()
+        self.gsm = self._build()
+
+    def hooks(self):
+        return {"step": self.gsm.step}
+
+    def end_epoch(self):
+        self.gsm.end_epoch()
+
+    def end(self, metrics):
+        ctx = self.ctx
+        self.gsm.truncate()
+        ctx.set_masks(self.gsm.final_masks())  # weights pruned by GSM stay out until re-dense
+        ctx.extra["gsm_layer_densities"] = ctx.masks.layer_densities()
+        ctx.extra.setdefault("gsm_overlap", []).extend(self.gsm.overlap_history)
+        # Truncation changes the network: the phase-end accuracy is measured after it.
+        metrics.update(ctx.evaluate())
+        metrics["sparsity"] = ctx.measured_sparsity()
+
+    def state_dict(self):
+        return {**super().state_dict(), "gsm": self.gsm.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.gsm = self._build()
+        self.gsm.load_state_dict(state["gsm"])
+
+
+class GlobalSparseMomentumKind(PhaseKind):
+    """G: global sparse momentum SGD (see `dsdtune.sparsity.gsm`), truncated at the phase end. It
+    computes every weight's gradient, so it trains at dense cost. The official code puts the first
+    layer in the global top-Q, so G includes it by default. Settings: `pipeline.gsm`."""
+
+    letter, name = "G", "global sparse momentum"
+    State = GSMState
+    settings_key, Settings = "gsm", GSMSettings
     sparse = True
-    uses_gsm_momentum = True
     decays_weights_only = True
     includes_first_layer = True
 
-    def _build(self, pipe, phase):
-        from .sparsity.gsm import GlobalSparseMomentum as GSM
-        return GSM(pipe.model, pipe.prunable, pipe.optimizer, phase.sparsity, budget=pipe.spec.pipeline.gsm_budget)
-
-    def start(self, pipe, phase):
-        pipe.release_masks()
-        pipe.gsm = self._build(pipe, phase)
-
-    def hooks(self, pipe):
-        return {"step": pipe.gsm.step}
-
-    def end_epoch(self, pipe):
-        pipe.gsm.end_epoch()
-
-    def end(self, pipe, phase, metrics):
-        pipe.gsm.truncate()
-        pipe.set_masks(pipe.gsm.final_masks())  # weights pruned by GSM stay out until re-dense
-        pipe.extra["gsm_layer_densities"] = pipe.masks.layer_densities()
-        pipe.extra.setdefault("gsm_overlap", []).extend(pipe.gsm.overlap_history)
-        pipe.gsm = None
-        # Truncation changes the network: the phase-end accuracy is measured after it.
-        metrics.update(pipe.evaluate())
-        metrics["sparsity"] = pipe.measured_sparsity()
-
-    def state_dict(self, pipe):
-        return pipe.gsm.state_dict() if pipe.gsm is not None else None
-
-    def load_state_dict(self, pipe, phase, state):
-        if state is not None:
-            pipe.gsm = self._build(pipe, phase)
-            pipe.gsm.load_state_dict(state)
+    def phase_defaults(self, settings):
+        return {"momentum": settings.momentum}
 
 
 register(Dense())
 register(Sparse())
-register(GlobalSparseMomentum())
+register(GlobalSparseMomentumKind())
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow expansion
 
 
 def resolve_exclude_first(spec: PipelineSpec) -> bool:
@@ -163,5 +337,139 @@ def resolve_exclude_first(spec: PipelineSpec) -> bool:
     it (GSM's official code)."""
     if spec.exclude_first is not None:
         return bool(spec.exclude_first)
-    kinds = [PHASE_KINDS[c] for c in spec.flow if PHASE_KINDS[c].sparse]
+    kinds = [PHASE_KINDS[c] for c in spec.flow if c in PHASE_KINDS and PHASE_KINDS[c].sparse]
     return not (kinds and all(k.includes_first_layer for k in kinds))
+
+
+def settings_blocks(spec: PipelineSpec) -> dict[str, Any]:
+    """The kinds' blocks given in a pipeline spec (its keys beyond the common fields)."""
+    return dict(spec.model_extra or {})
+
+
+def check_flow(spec: PipelineSpec, unused_blocks: bool = True) -> None:
+    """Phase letters known, sparse-only lists aligned with the flow's sparse phases, settings blocks
+    known and valid; with `unused_blocks` False a block for a kind the flow does not use is refused."""
+    unknown = sorted({c for c in spec.flow if c not in PHASE_KINDS})
+    if unknown:
+        allowed = ", ".join(f"{k} ({v.name})" for k, v in PHASE_KINDS.items())
+        raise SpecError(f"pipeline.flow: unknown phase kind {', '.join(unknown)} in {spec.flow!r}; allowed: {allowed}")
+    n, n_sparse = len(spec.flow), sum(kind_of(c).sparse for c in spec.flow)
+    for name in ("sparsity", "criterion"):
+        value = getattr(spec, name)
+        if isinstance(value, list) and len(value) not in (n, n_sparse):
+            raise SpecError(f"pipeline.{name}: has {len(value)} entries; flow {spec.flow!r} needs {n} (one per "
+                            f"phase) or {n_sparse} (one per sparse phase)")
+    by_key = {k.settings_key: k for k in PHASE_KINDS.values() if k.settings_key}
+    for key, value in settings_blocks(spec).items():
+        kind = by_key.get(key)
+        if kind is None:
+            hint = _RENAMED.get(key)
+            if hint:
+                raise SpecError(f"pipeline.{key}: is now {hint}")
+            allowed = ", ".join(list(PipelineSpec.model_fields) + sorted(by_key))
+            raise SpecError(f"pipeline.{key}: unknown key; allowed: {allowed}")
+        if not unused_blocks and kind.letter not in spec.flow:
+            raise SpecError(f"pipeline.{key}: sets {kind.letter} ({kind.name}), which flow {spec.flow!r} does not "
+                            f"use; drop the block or use {kind.letter} in the flow")
+        if not isinstance(value, dict):
+            raise SpecError(f"pipeline.{key}: must be a mapping of {kind.letter}'s settings, e.g. "
+                            f"{json_example(kind)}")
+        try:
+            kind.Settings.model_validate(value)
+        except ValidationError as err:
+            raise SpecError(format_validation_error(err, prefix=f"pipeline.{key}")) from None
+
+
+_RENAMED = {"gsm_momentum": "pipeline.gsm.momentum", "gsm_budget": "pipeline.gsm.budget"}
+
+
+def json_example(kind: PhaseKind) -> str:
+    fields = kind.Settings.model_fields if kind.Settings is not None else {}
+    return "{" + ", ".join(f"{k}: {v.default}" for k, v in fields.items()) + "}"
+
+
+def _init_density_phase(spec: PipelineSpec, init: Optional[InitSpec]) -> bool:
+    """Whether the first phase takes its mask (and sparsity) from a sparse init."""
+    return init is not None and init.sparse and kind_of(spec.flow[0]).trains_init_mask
+
+
+def expand_phases(spec: PipelineSpec, init: Optional[InitSpec] = None) -> list[Phase]:
+    """Per-phase settings from scalars (broadcast) or lists (aligned with the flow or sparse phases).
+
+    With a sparse `init` and a flow whose first phase trains its mask, that phase's sparsity is the
+    init's (1 - init.init_density).
+    """
+    check_flow(spec)
+    flow = spec.flow
+    n = len(flow)
+    kinds = [kind_of(c) for c in flow]
+    sparse = [k.sparse for k in kinds]
+
+    def per_phase(value):
+        return list(value) if isinstance(value, list) else [value] * n
+
+    def per_sparse_phase(value, dense_value):
+        values = _as_list(value)
+        if len(values) == n:
+            return [v if is_sparse else dense_value for v, is_sparse in zip(values, sparse)]
+        if len(values) == 1:
+            return [values[0] if is_sparse else dense_value for is_sparse in sparse]
+        it = iter(values)
+        return [next(it) if is_sparse else dense_value for is_sparse in sparse]
+
+    lrs: list[float] = []
+    for i, lr in enumerate(_as_list(spec.lr) if isinstance(spec.lr, list) else [spec.lr] + [None] * (n - 1)):
+        lrs.append(float(lr) if lr is not None else lrs[i - 1] * spec.lr_decay)
+    epochs, schedules, optimizers = per_phase(spec.epochs), per_phase(spec.schedule), per_phase(spec.optimizer)
+    momenta, nesterovs, decays = per_phase(spec.momentum), per_phase(spec.nesterov), per_phase(spec.weight_decay)
+    sparsities = per_sparse_phase(DEFAULT_SPARSITY if spec.sparsity is None else spec.sparsity, 0.0)
+    if not isinstance(spec.sparsity, list) and spec.sparsity_decay != 1.0:
+        order = [sum(sparse[:i]) for i in range(n)]  # index among the sparse phases
+        sparsities = [s * spec.sparsity_decay ** order[i] for i, s in enumerate(sparsities)]
+    if _init_density_phase(spec, init):
+        sparsities[0] = 1.0 - init.init_density  # the init's mask is this phase's mask
+    criteria = [c if c is not None else "" for c in per_sparse_phase(spec.criterion, None)]
+    blocks = settings_blocks(spec)
+    counts: dict[str, int] = {}
+    phases = []
+    for i, (letter, kind) in enumerate(zip(flow, kinds)):
+        counts[letter] = counts.get(letter, 0) + 1
+        settings = kind.Settings.model_validate(blocks.get(kind.settings_key) or {}) if kind.Settings else None
+        fields = {"momentum": float(momenta[i])}
+        if not isinstance(spec.momentum, list):
+            fields.update(kind.phase_defaults(settings))
+        criterion = "" if kind.criteria is None else (criteria[i] or kind.default_criterion)
+        phases.append(Phase(i, letter, f"{letter}{counts[letter]}", int(epochs[i]), lrs[i], float(sparsities[i]),
+                            criterion, schedules[i], optimizers[i], float(fields["momentum"]), bool(nesterovs[i]),
+                            float(decays[i]), settings.model_dump() if settings is not None else {}))
+    return phases
+
+
+def check_phases(spec: PipelineSpec, init: Optional[InitSpec], phases: list[Phase]) -> None:
+    """Each kind's own checks, and a sparse init's mask only where the flow's first phase trains it."""
+    if init is not None and init.sparse and not kind_of(spec.flow[0]).trains_init_mask:
+        raise SpecError(f"pipeline.flow: a sparse init (init.density {init.density}) needs a flow that starts "
+                        f"with {' or '.join(init_mask_letters())} (static sparse training from its mask), got "
+                        f"{spec.flow!r}; use init.density: dense for other flows")
+    if _init_density_phase(spec, init) and spec.sparsity is not None:
+        given = _as_list(spec.sparsity)[0]
+        if abs(float(given) - phases[0].sparsity) > 1e-9:
+            raise SpecError(f"pipeline.sparsity: the first {spec.flow[0]} phase trains the sparse init's mask "
+                            f"(init.init_density {init.init_density:g} = sparsity {phases[0].sparsity:g}), not "
+                            f"{given:g}; leave pipeline.sparsity unset or set init.init_density")
+    for phase in phases:
+        kind_of(phase.kind).check(phase, phases)
+
+
+def flow_snapshots(phases: list[Phase]) -> list[tuple[int, int]]:
+    """Every (phase index, step) whose weights a phase of the flow needs later."""
+    needed = {point for p in phases for point in kind_of(p.kind).snapshots(p, phases)}
+    return sorted(needed)
+
+
+def steps_in_phase(phase: Phase, steps_per_epoch: int) -> int:
+    return phase.epochs * steps_per_epoch
+
+
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+    return math.ceil(num_train / batch_size) if num_train else 0

@@ -1,17 +1,18 @@
 """A flow of phases, the pipeline state, checkpoint/restore and per-epoch events.
 
-What each phase kind does at its start, per step and at its end lives in `dsdtune.phases` (D dense,
-S sparse with a fixed mask, G global sparse momentum); this module runs them in order:
-- a phase starts with its own generator (derived from (seed, phase index), so arms that branch from
-  one trained prefix see the same data order), the optimizer carried over with the phase's
-  settings, then the kind's transition;
-- every epoch trains with the kind's per-step hooks, evaluates and reports;
-- a phase ends with the kind's end, the phase-end metrics (`acc_after_<label>`, and with
-  `diagnostics: [jacobian]` the Jacobian's singular values) and optional weight histograms.
-
-Semantic checks (`check_names`): a sparse init needs a flow that starts with S (its mask is that
-phase's mask), and that phase's sparsity comes from the init (an explicit, different
-`pipeline.sparsity` is refused).
+What each phase kind does at its start, per step and at its end lives in `dsdtune.phases` (the kinds
+and flow expansion); this module knows no kind, it runs them in order through the small interface
+the kinds see (`phases.PhaseContext`, which `Pipeline` implements):
+- a phase starts with its own data-order generator (derived from (seed, phase index), so arms that
+  branch from one trained prefix see the same data order), the optimizer carried over with the
+  phase's settings, then the kind's `start`, which returns the phase's state object;
+- every epoch trains with the state's per-step hooks (each given the step index in the phase),
+  evaluates and reports;
+- a phase ends with the state's end, the phase-end metrics (`acc_after_<label>`, and with
+  `diagnostics: [jacobian]` the Jacobian's singular values), the densities it leaves and the cost it
+  recorded, and optional weight histograms.
+Snapshots: the weights at a (phase, step) point that a later phase asks for (a lottery ticket's
+rewind point) are kept with the pipeline's state, in checkpoints and shared prefixes.
 """
 from __future__ import annotations
 
@@ -19,127 +20,38 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from .config import InitSpec, PipelineSpec, RunSpec, SpecError, _as_list, parse_run_spec
+from .config import InitSpec, RunSpec, SpecError, parse_run_spec
+from .cost import ModelCost, TrialCost, measure_model, trial_cost
 from .data import Dataset, StreamingDataset, dataset_loader, load_dataset
 from .models import TORCHVISION_PREFIX, build_model, load_init_checkpoint, model_factory
-from .phases import PHASE_KINDS, init_mask_letters, kind_of, resolve_exclude_first
+from .phases import (
+    Phase, PhaseState, check_flow, check_phases, expand_phases, flow_snapshots, kind_of, resolve_exclude_first,
+    steps_per_epoch,
+)
+from .seeding import generator as seeded_generator, seed_everything
 from .sparsity.masks import MaskApplier, Masks, measured_sparsity, prunable_weights
-from .seeding import generator, seed_everything
 from .training import (
     evaluate_batches, make_optimizer, scheduled_lr, select_device, set_hyperparameters, set_lr, train_batches,
 )
 
-DEFAULT_SPARSITY = 0.5  # a sparse phase's target when pipeline.sparsity is not set (DSD's CNN setting)
-
 EpochCallback = Callable[[dict, "Pipeline"], None]
 
 
-@dataclass(frozen=True)
-class Phase:
-    index: int
-    kind: str  # a letter of dsdtune.phases.PHASE_KINDS
-    label: str  # D1, S1, D2, ... (kind + ordinal of that kind)
-    epochs: int
-    lr: float
-    sparsity: float  # target for sparse kinds, 0 for the others
-    criterion: str
-    schedule: str
-    optimizer: str
-    momentum: float
-    nesterov: bool
-    weight_decay: float
+def check_names(spec: RunSpec, unused_blocks: bool = True) -> None:
+    """Registry names and combinations a run spec refers to; raises SpecError (one line).
 
-
-def check_flow(spec: PipelineSpec) -> None:
-    """Phase letters known, and sparse-only lists aligned with the flow's sparse phases."""
-    unknown = sorted({c for c in spec.flow if c not in PHASE_KINDS})
-    if unknown:
-        allowed = ", ".join(f"{k} ({v.name})" for k, v in PHASE_KINDS.items())
-        raise SpecError(f"pipeline.flow: unknown phase kind {', '.join(unknown)} in {spec.flow!r}; allowed: {allowed}")
-    n, n_sparse = len(spec.flow), sum(kind_of(c).sparse for c in spec.flow)
-    for name in ("sparsity", "criterion"):
-        value = getattr(spec, name)
-        if isinstance(value, list) and len(value) not in (n, n_sparse):
-            raise SpecError(f"pipeline.{name}: has {len(value)} entries; flow {spec.flow!r} needs {n} (one per "
-                            f"phase) or {n_sparse} (one per sparse phase)")
-
-
-def _init_density_phase(spec: PipelineSpec, init: Optional[InitSpec]) -> bool:
-    """Whether the first phase takes its mask (and sparsity) from a sparse init."""
-    return init is not None and init.sparse and kind_of(spec.flow[0]).trains_init_mask
-
-
-def expand_phases(spec: PipelineSpec, init: Optional[InitSpec] = None) -> list[Phase]:
-    """Per-phase settings from scalars (broadcast) or lists (aligned with the flow or sparse phases).
-
-    With a sparse `init` and a flow whose first phase trains its mask, that phase's sparsity is the
-    init's (1 - init.init_density).
+    `unused_blocks` False refuses a kind's settings block that the flow does not use (a study checks
+    that no arm uses it instead: its arms share one base spec).
     """
-    check_flow(spec)
-    flow = spec.flow
-    n = len(flow)
-    sparse = [kind_of(c).sparse for c in flow]
-
-    def per_phase(value):
-        return list(value) if isinstance(value, list) else [value] * n
-
-    def per_sparse_phase(value, dense_value):
-        values = _as_list(value)
-        if len(values) == n:
-            return [v if is_sparse else dense_value for v, is_sparse in zip(values, sparse)]
-        if len(values) == 1:
-            return [values[0] if is_sparse else dense_value for is_sparse in sparse]
-        it = iter(values)
-        return [next(it) if is_sparse else dense_value for is_sparse in sparse]
-
-    lrs: list[float] = []
-    for i, lr in enumerate(_as_list(spec.lr) if isinstance(spec.lr, list) else [spec.lr] + [None] * (n - 1)):
-        lrs.append(float(lr) if lr is not None else lrs[i - 1] * spec.lr_decay)
-    epochs, schedules, optimizers = per_phase(spec.epochs), per_phase(spec.schedule), per_phase(spec.optimizer)
-    momenta, nesterovs, decays = per_phase(spec.momentum), per_phase(spec.nesterov), per_phase(spec.weight_decay)
-    sparsities = per_sparse_phase(DEFAULT_SPARSITY if spec.sparsity is None else spec.sparsity, 0.0)
-    if not isinstance(spec.sparsity, list) and spec.sparsity_decay != 1.0:
-        order = [sum(sparse[:i]) for i in range(n)]  # index among the sparse phases
-        sparsities = [s * spec.sparsity_decay ** order[i] for i, s in enumerate(sparsities)]
-    if _init_density_phase(spec, init):
-        sparsities[0] = 1.0 - init.init_density  # the init's mask is this phase's mask
-    criteria = per_sparse_phase(spec.criterion, "")
-    counts: dict[str, int] = {}
-    phases = []
-    for i, letter in enumerate(flow):
-        counts[letter] = counts.get(letter, 0) + 1
-        uses_gsm = kind_of(letter).uses_gsm_momentum and not isinstance(spec.momentum, list)
-        momentum = spec.gsm_momentum if uses_gsm else momenta[i]
-        phases.append(Phase(i, letter, f"{letter}{counts[letter]}", int(epochs[i]), lrs[i], float(sparsities[i]),
-                            criteria[i], schedules[i], optimizers[i], float(momentum), bool(nesterovs[i]),
-                            float(decays[i])))
-    return phases
-
-
-def check_names(spec: RunSpec) -> None:
-    """Registry names and combinations a run spec refers to; raises SpecError (one line)."""
     dataset_loader(spec.task.dataset)  # built-in, registered or a user's module:function
     if not spec.task.model.startswith(TORCHVISION_PREFIX):
         model_factory(spec.task.model)
-    pipe, init = spec.pipeline, spec.init
-    check_flow(pipe)
-    if init.sparse and not kind_of(pipe.flow[0]).trains_init_mask:
-        raise SpecError(f"pipeline.flow: a sparse init (init.density {init.density}) needs a flow that starts "
-                        f"with {' or '.join(init_mask_letters())} (static sparse training from its mask), got "
-                        f"{pipe.flow!r}; use init.density: dense for other flows")
-    phases = expand_phases(pipe, init)
-    if _init_density_phase(pipe, init) and pipe.sparsity is not None:
-        given = _as_list(pipe.sparsity)[0]
-        if abs(float(given) - phases[0].sparsity) > 1e-9:
-            raise SpecError(f"pipeline.sparsity: the first S phase trains the sparse init's mask (init.init_density "
-                            f"{init.init_density:g} = sparsity {phases[0].sparsity:g}), not {given:g}; leave "
-                            f"pipeline.sparsity unset or set init.init_density")
-    for phase in phases:
-        kind_of(phase.kind).check(phase)
+    check_flow(spec.pipeline, unused_blocks=unused_blocks)
+    check_phases(spec.pipeline, spec.init, expand_phases(spec.pipeline, spec.init))
 
 
 def needs_init(init: InitSpec) -> bool:
@@ -157,7 +69,7 @@ def prefix_id(spec: RunSpec, length: int) -> str:
     key = {
         "task": spec.task.model_dump(), "init": spec.init.model_dump(), "seed": spec.seed,
         "phases": [asdict(p) for p in expand_phases(pipe, spec.init)[:length]],
-        "exclude_first": resolve_exclude_first(pipe), "exclude": pipe.exclude, "gsm_budget": pipe.gsm_budget,
+        "exclude_first": resolve_exclude_first(pipe), "exclude": pipe.exclude,
         "weight_histograms": pipe.weight_histograms,
     }
     if pipe.diagnostics:  # they add metrics, so a prefix with them is a different state to restore
@@ -179,10 +91,14 @@ class PipelineResult:
 
 
 class Pipeline:
-    """One trial's training: build task and model, then run the flow's phases epoch by epoch."""
+    """One trial's training: build task and model, then run the flow's phases epoch by epoch.
+
+    `snapshots` adds (phase index, step) points to keep the weights of, beyond what the flow's own
+    kinds ask for: the trial that trains a shared prefix keeps what every arm sharing it needs.
+    """
 
     def __init__(self, spec: Union[dict, RunSpec], dataset: Optional[Union[Dataset, StreamingDataset]] = None,
-                 device: Optional[Union[str, torch.device]] = None):
+                 device: Optional[Union[str, torch.device]] = None, snapshots: Iterable[tuple[int, int]] = ()):
         self.spec = parse_run_spec(spec)
         check_names(self.spec)
         task = self.spec.task
@@ -198,6 +114,10 @@ class Pipeline:
             raise SpecError(f"init.density: {self.spec.init.density} scores a batch of tensors; streamed data "
                             f"(task.stream or a loader's Datasets) does not provide one yet; use erk or synflow")
         self.phases = expand_phases(self.spec.pipeline, self.spec.init)
+        self.steps_per_epoch = steps_per_epoch(self.data.num_train, task.batch_size)
+        for phase in self.phases:
+            kind_of(phase.kind).check_steps(phase, self.phases, self.steps_per_epoch)
+        self.snapshot_points = sorted(set(flow_snapshots(self.phases)) | {tuple(p) for p in snapshots})
         pipe = self.spec.pipeline
         self.exclude_first = resolve_exclude_first(pipe)
         self.prunable = prunable_weights(self.model, exclude_first=self.exclude_first, exclude=pipe.exclude)
@@ -217,8 +137,9 @@ class Pipeline:
         self._bind_masks(None)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.optimizer_phase = -1  # the phase whose settings the optimizer carries
-        self.gsm = None
-        self.generator = torch.Generator()
+        self.phase_state: Optional[PhaseState] = None  # the running phase's state (its kind's object)
+        self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
+        self.data_generator = torch.Generator()
         self.phase_index = 0
         self.epoch_in_phase = 0
         self.phase_started = False
@@ -233,6 +154,69 @@ class Pipeline:
         if self.init_masks is not None:  # how many layers EOI's floors held (every weight scheme alike)
             self.phase_end["init_floored_layers"] = float(len(self.init_result.floored))
         self._record_diagnostics("init")
+
+    # ---- the interface phase kinds see (dsdtune.phases.PhaseContext) --------------------------
+    @property
+    def phase(self) -> Phase:
+        return self.phases[self.phase_index]
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the running phase."""
+        return self.phase.epochs * self.steps_per_epoch
+
+    def generator(self, stream: int) -> torch.Generator:
+        """The running phase's own generator for `stream` (never the data order's)."""
+        return seeded_generator(self.spec.seed, self.phase_index, 1000 + int(stream))
+
+    def release_masks(self) -> None:
+        """Drop the masks (re-dense): pruned weights are exactly 0; their momentum restarts from 0 too."""
+        if self.masks is not None:
+            self.applier.apply_to_optimizer_state(self.optimizer)
+            self._bind_masks(None)
+
+    def set_masks(self, masks: Masks) -> None:
+        """Bind masks and apply them at once to the weights and every optimizer buffer."""
+        self._bind_masks(masks)
+        self.applier.apply_to_weights()
+        if self.optimizer is not None:
+            self.applier.apply_to_optimizer_state(self.optimizer)
+
+    def mask_hooks(self) -> dict[str, Any]:
+        """Per-step hooks keeping masked weights at exactly zero (none when nothing is masked).
+
+        Bound to the masks of now: a phase that changes its masks mid-epoch uses `mask_grads` and
+        `mask_weights`, which follow the bound masks."""
+        if self.applier is None or self.masks_full:
+            return {}
+        return {"before_step": self.applier.apply_to_grads, "after_step": self.applier.apply_to_weights}
+
+    def mask_grads(self, step: int = 0) -> None:
+        if self.applier is not None and not self.masks_full:
+            self.applier.apply_to_grads()
+
+    def mask_weights(self, step: int = 0) -> None:
+        if self.applier is not None and not self.masks_full:
+            self.applier.apply_to_weights()
+
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer state (momentum, Adam moments) with the running phase's settings."""
+        self.optimizer = self._build_optimizer(self.phase)
+        self.optimizer_phase = self.phase_index
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a model state (e.g. a snapshot) into the model; the bound masks are applied after it."""
+        self.model.load_state_dict(state)
+        if self.applier is not None:
+            self.applier.apply_to_weights()
+
+    def snapshot(self, phase_index: int, step: int) -> dict[str, torch.Tensor]:
+        """The model's state after `step` optimizer steps of phase `phase_index` (asked for in advance)."""
+        key = _snapshot_key(phase_index, step)
+        if key not in self.snapshots:
+            raise RuntimeError(f"no snapshot of phase {phase_index} at step {step}: a kind must ask for it "
+                               f"with PhaseKind.snapshots before the flow runs")
+        return self.snapshots[key]
 
     # ---- phase transitions -----------------------------------------------------------------
     def _param_groups(self) -> list[dict]:
@@ -261,32 +245,11 @@ class Pipeline:
         self.optimizer_phase = phase.index
 
     def _start_phase(self, phase: Phase) -> None:
-        self.generator = generator(self.spec.seed, phase.index)
+        self.data_generator = seeded_generator(self.spec.seed, phase.index)
         self._ensure_optimizer(phase)
-        kind_of(phase.kind).start(self, phase)
-        if self.masks is not None:  # the densities this phase trains at (exact costs, layers.csv)
-            self.extra.setdefault("phase_layer_densities", {})[phase.label] = self.masks.layer_densities()
+        self.phase_state = kind_of(phase.kind).start(self, phase)
         self.phase_started = True
-
-    # Helpers the phase kinds use.
-    def release_masks(self) -> None:
-        """Drop the masks (re-dense): pruned weights are exactly 0; their momentum restarts from 0 too."""
-        if self.masks is not None:
-            self.applier.apply_to_optimizer_state(self.optimizer)
-            self._bind_masks(None)
-
-    def set_masks(self, masks: Masks) -> None:
-        """Bind masks and apply them at once to the weights and every optimizer buffer."""
-        self._bind_masks(masks)
-        self.applier.apply_to_weights()
-        if self.optimizer is not None:
-            self.applier.apply_to_optimizer_state(self.optimizer)
-
-    def mask_hooks(self) -> dict[str, Any]:
-        """Per-step hooks keeping masked weights at exactly zero (none when nothing is masked)."""
-        if self.applier is None or self.masks_full:
-            return {}
-        return {"before_step": self.applier.apply_to_grads, "after_step": self.applier.apply_to_weights}
+        self._take_snapshot(phase.index, 0)
 
     def _bind_masks(self, masks: Optional[Masks]) -> None:
         self.masks = masks
@@ -294,8 +257,18 @@ class Pipeline:
         # sparsity 0 (the fine-tune control) keeps everything: masking every step would only cost time.
         self.masks_full = masks is not None and all(bool(m.all()) for m in masks.tensors.values())
 
+    def _take_snapshot(self, phase_index: int, step: int) -> None:
+        key = _snapshot_key(phase_index, step)
+        if (phase_index, step) in self.snapshot_points and key not in self.snapshots:
+            self.snapshots[key] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
     def _end_phase(self, phase: Phase, metrics: dict) -> None:
-        kind_of(phase.kind).end(self, phase, metrics)
+        state = self.phase_state
+        state.end(metrics)
+        self.extra.setdefault("phase_costs", {})[phase.label] = state.cost_record()
+        if self.masks is not None:  # the densities this phase leaves (layers.csv; S: the ones it trained at)
+            self.extra.setdefault("phase_layer_densities", {})[phase.label] = self.masks.layer_densities()
+        self.phase_state = None
         self.phase_end[f"acc_after_{phase.label}"] = metrics["test_acc"]
         self.phase_end[f"val_acc_after_{phase.label}"] = metrics["val_acc"]
         self._record_diagnostics(f"after_{phase.label}")
@@ -320,13 +293,30 @@ class Pipeline:
     def measured_sparsity(self) -> float:
         return measured_sparsity(self.prunable.values())
 
+    def _epoch_hooks(self, phase: Phase, first_step: int) -> dict[str, Any]:
+        hooks = dict(self.phase_state.hooks())
+        due = [s for p, s in self.snapshot_points if p == phase.index and first_step < s <= first_step +
+               self.steps_per_epoch and _snapshot_key(p, s) not in self.snapshots]
+        if due:  # keep the weights after `s` steps: after the optimizer step of index s - 1
+            inner = hooks.get("after_step")
+
+            def after_step(step: int) -> None:
+                if inner is not None:
+                    inner(step)
+                if step + 1 in due:
+                    self._take_snapshot(phase.index, step + 1)
+
+            hooks["after_step"] = after_step
+        return hooks
+
     def _train_one_epoch(self, phase: Phase) -> dict:
         lr = scheduled_lr(phase.schedule, phase.lr, self.epoch_in_phase, phase.epochs)
         set_lr(self.optimizer, lr)
-        kind = kind_of(phase.kind)
+        first_step = self.epoch_in_phase * self.steps_per_epoch
         # The one place the pipeline iterates over training data (tensors on the device, or streamed).
-        batches = self.data.train_batches(self.spec.task.batch_size, self.generator, self.spec.task.augment)
-        train_loss = train_batches(self.model, batches, self.optimizer, **kind.hooks(self))
+        batches = self.data.train_batches(self.spec.task.batch_size, self.data_generator, self.spec.task.augment)
+        train_loss = train_batches(self.model, batches, self.optimizer, first_step=first_step,
+                                   **self._epoch_hooks(phase, first_step))
         self.epoch_in_phase += 1
         self.global_epoch += 1
         metrics = {"epoch": self.global_epoch, "phase": phase.index, "phase_kind": phase.kind,
@@ -336,7 +326,7 @@ class Pipeline:
             metrics.update({"val_loss": math.nan, "val_acc": math.nan, "test_loss": math.nan,
                             "test_acc": math.nan, "sparsity": math.nan})
             return metrics
-        kind.end_epoch(self)
+        self.phase_state.end_epoch()
         metrics.update(self.evaluate())
         metrics["sparsity"] = self.measured_sparsity()
         return metrics
@@ -383,6 +373,20 @@ class Pipeline:
         return PipelineResult(self.status, list(self.history), final, self.model, self.masks,
                               dict(self.layer_densities), dict(self.histograms), dict(self.extra))
 
+    # ---- cost ------------------------------------------------------------------------------
+    def measure(self) -> ModelCost:
+        """The model's dense forward FLOPs per sample and layer, measured on one batch of the data."""
+        split = "val" if _has_rows(self.data, "val") else "test"
+        batch, _ = next(iter(self.data.eval_batches(split, min(self.spec.task.batch_size, 8))))
+        return measure_model(self.model, batch, list(self.prunable))
+
+    def cost(self, model_cost: Optional[ModelCost] = None) -> TrialCost:
+        """Training FLOPs of the phases run so far (as their kinds recorded them) and the final model's
+        parameters and inference FLOPs as it is now (its non-zero entries counted)."""
+        model_cost = model_cost or self.measure()
+        records = [(p, self.extra.get("phase_costs", {}).get(p.label)) for p in self.phases[:self.phase_index]]
+        return trial_cost(model_cost, records, self.data.num_train, self.spec.task.batch_size, self.model)
+
     # ---- checkpoint / restore --------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue bit for bit (CPU); loads with torch.load(weights_only=True)."""
@@ -393,15 +397,15 @@ class Pipeline:
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "optimizer_phase": self.optimizer_phase,
             "masks": self.masks.state_dict() if self.masks is not None else None,
-            "generator": self.generator.get_state(),
+            "generator": self.data_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": [dict(h) for h in self.history],
             "phase_end": dict(self.phase_end),
             "histograms": self.histograms,
             "extra": self.extra,
-            "phase_kind_state": kind_of(self.phases[self.phase_index].kind).state_dict(self)
-            if self.phase_index < len(self.phases) else None,
+            "snapshots": {k: {n: t.cpu() for n, t in v.items()} for k, v in self.snapshots.items()},
+            "phase_state": self.phase_state.state_dict() if self.phase_state is not None else None,
         }
         return state
 
@@ -418,8 +422,8 @@ class Pipeline:
             self.optimizer.load_state_dict(state["optimizer"])  # restores the group settings too
         self._bind_masks(None if state["masks"] is None else
                          Masks.from_state_dict(state["masks"], dict(self.model.named_parameters())))
-        self.generator = torch.Generator()
-        self.generator.set_state(state["generator"])
+        self.data_generator = torch.Generator()
+        self.data_generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -427,9 +431,11 @@ class Pipeline:
         self.phase_end = dict(state["phase_end"])
         self.histograms = dict(state["histograms"])
         self.extra = dict(state["extra"])
-        if self.phase_index < len(self.phases):
+        self.snapshots = {k: {n: t.to(self.device) for n, t in v.items()} for k, v in state["snapshots"].items()}
+        self.phase_state = None
+        if self.phase_started and self.phase_index < len(self.phases):
             phase = self.phases[self.phase_index]
-            kind_of(phase.kind).load_state_dict(self, phase, state.get("phase_kind_state"))
+            self.phase_state = kind_of(phase.kind).resume(self, phase, state["phase_state"] or {})
 
     def save(self, path) -> None:
         torch.save(self.state_dict(), path)
@@ -444,6 +450,14 @@ class Pipeline:
         bound = float(flat.abs().max()) or 1.0
         counts = torch.histc(flat, bins=bins, min=-bound, max=bound)
         return {"min": -bound, "max": bound, "counts": counts.cpu().tolist()}
+
+
+def _snapshot_key(phase_index: int, step: int) -> str:
+    return f"{phase_index}:{step}"
+
+
+def _has_rows(data, split: str) -> bool:
+    return any(True for _ in data.eval_batches(split, 1))
 
 
 def run_pipeline(spec: Union[dict, RunSpec], on_epoch: Optional[EpochCallback] = None,

@@ -71,27 +71,36 @@ def train_batches(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
-    before_step: Optional[Callable[[], None]] = None,
-    after_step: Optional[Callable[[], None]] = None,
-    step: Optional[Callable[[], None]] = None,
+    before_step: Optional[Callable[[int], None]] = None,
+    after_step: Optional[Callable[[int], None]] = None,
+    step: Optional[Callable[[int], None]] = None,
+    first_step: int = 0,
 ) -> float:
-    """Train on one epoch's (x, y) batches; return the mean training loss (non-finite if it diverged)."""
+    """Train on one epoch's (x, y) batches; return the mean training loss (non-finite if it diverged).
+
+    The hooks get the index of the optimizer step (`first_step` for the first batch): `before_step`
+    after the backward pass, `step` instead of `optimizer.step()`, `after_step` after it.
+    """
     model.train()
-    do_step = step or optimizer.step
     total, count = None, 0
+    index = first_step
     for xb, yb in batches:
         loss = F.cross_entropy(model(xb), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if before_step is not None:
-            before_step()
-        do_step()
+            before_step(index)
+        if step is not None:
+            step(index)
+        else:
+            optimizer.step()
         if after_step is not None:
-            after_step()
+            after_step(index)
         if total is None:
             total = torch.zeros((), device=yb.device)
         total += loss.detach() * yb.shape[0]
         count += yb.shape[0]
+        index += 1
     return float(total) / count if count else math.nan
 
 
@@ -103,9 +112,9 @@ def train_epoch(
     batch_size: int,
     generator: torch.Generator,
     augment: bool = False,
-    before_step: Optional[Callable[[], None]] = None,
-    after_step: Optional[Callable[[], None]] = None,
-    step: Optional[Callable[[], None]] = None,
+    before_step: Optional[Callable[[int], None]] = None,
+    after_step: Optional[Callable[[int], None]] = None,
+    step: Optional[Callable[[int], None]] = None,
 ) -> float:
     """Train one epoch on device tensors (shuffled by `generator`); return the mean training loss."""
     data = Dataset("tensors", x, y, x[:0], y[:0], x[:0], y[:0], 0, tuple(x.shape[1:]))

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsdtune.config import PipelineSpec
-from dsdtune.pipeline import Pipeline, expand_phases, run_pipeline
+from dsdtune.phases import expand_phases
+from dsdtune.pipeline import Pipeline, run_pipeline
 from dsdtune.sparsity.gsm import GlobalSparseMomentum
 from dsdtune.sparsity.masks import kept_count, prunable_weights
 from dsdtune.training import evaluate, make_optimizer, set_hyperparameters, set_lr
@@ -171,8 +172,8 @@ def test_gsm_momentum_default_is_098_and_g_phase_decays_only_weights():
     before = {n: p.detach().clone() for n, p in params.items()}
     grads = {n: p.grad.detach().clone() for n, p in params.items()}
     bufs = {n: pipe.optimizer.state[p]["momentum_buffer"].clone() for n, p in params.items()}
-    pipe.gsm.step()
-    selected = {n: v for n, v in zip(pipe.gsm.names, pipe.gsm.selected_views)}
+    pipe.phase_state.gsm.step()
+    selected = {n: v for n, v in zip(pipe.phase_state.gsm.names, pipe.phase_state.gsm.selected_views)}
     lr, beta, eta = g_phase.lr, 0.98, 0.05
     for name, p in params.items():
         if name in pipe.prunable:
@@ -185,7 +186,7 @@ def test_gsm_momentum_default_is_098_and_g_phase_decays_only_weights():
         if name.endswith("bias"):
             with_decay = before[name] - lr * (z + eta * before[name])
             assert not torch.allclose(with_decay, before[name] - lr * z, rtol=1e-6, atol=1e-7)
-    assert 0 < sum(int(s.sum()) for s in selected.values()) == pipe.gsm.q
+    assert 0 < sum(int(s.sum()) for s in selected.values()) == pipe.phase_state.gsm.q
 
 
 def test_passive_decay_matches_lr_wd_over_one_minus_momentum():
@@ -207,7 +208,7 @@ def test_passive_decay_matches_lr_wd_over_one_minus_momentum():
         for _ in range(n):
             for p in params:
                 p.grad = torch.zeros_like(p)
-            pipe.gsm.step()
+            pipe.phase_state.gsm.step()
 
     run(warmup)
     start = flat([w.detach() for w in pipe.prunable.values()]).clone()
@@ -250,7 +251,7 @@ def test_flow_dgd_redense_restarts_pruned_weights_from_zero():
     assert sum(int((~m).sum()) for m in pruned.values()) == q
     redense = pipe.phases[2]
     pipe._start_phase(redense)
-    assert pipe.masks is None and pipe.gsm is None
+    assert pipe.masks is None and not hasattr(pipe.phase_state, "gsm")  # the GSM state ended with its phase
     assert all(g["weight_decay"] == 1e-3 for g in pipe.optimizer.param_groups)  # decay back on biases
     for name, w in pipe.prunable.items():
         assert (pipe.optimizer.state[w]["momentum_buffer"][pruned[name]] == 0).all()
@@ -270,7 +271,7 @@ def test_flow_dgd_redense_restarts_pruned_weights_from_zero():
 
 
 def test_parameter_budget_gives_exactly_that_many_nonzeros():
-    result = run_pipeline(spec(flow="DG", epochs=[1, 2], lr=[0.05, 0.02], gsm_budget=37))
+    result = run_pipeline(spec(flow="DG", epochs=[1, 2], lr=[0.05, 0.02], gsm={"budget": 37}))
     weights = prunable_weights(result.model)
     assert sum(int(w.count_nonzero()) for w in weights.values()) == 37
     assert sum(d * weights[n].numel() for n, d in result.extra["gsm_layer_densities"].items()) == pytest.approx(37)

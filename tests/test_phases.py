@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from dsdtune.config import PipelineSpec, SpecError
-from dsdtune.phases import PHASE_KINDS, Dense, register, resolve_exclude_first
-from dsdtune.pipeline import Pipeline, expand_phases, run_pipeline
+from dsdtune.phases import PHASE_KINDS, Dense, DenseState, expand_phases, register, resolve_exclude_first
+from dsdtune.pipeline import Pipeline, run_pipeline
 from dsdtune.sparsity.topk import kept_count, top_k_mask
 
 TASK = {"dataset": "synthetic", "dataset_args": {"num_train": 200, "num_test": 50, "input_shape": [12],
@@ -13,29 +13,33 @@ TASK = {"dataset": "synthetic", "dataset_args": {"num_train": 200, "num_test": 5
 
 
 def test_a_new_phase_kind_is_one_registered_object():
-    """A kind registered in one place is usable in flows, with its own start transition and hooks."""
-    class FrozenFirst(Dense):  # e.g. a baseline that trains with the first prunable layer frozen
+    """A kind registered in one place is usable in flows, with its own transition, step hooks and state."""
+    calls: list = []
+
+    class FrozenFirstState(DenseState):  # e.g. a baseline that trains with the first prunable layer frozen
+        def enter(self):
+            super().enter()
+            calls.append(("start", self.phase.label, self.ctx.total_steps))
+
+        def hooks(self):
+            first = next(iter(self.ctx.prunable.values()))
+            return {"before_step": lambda step: (first.grad.zero_(), calls.append(step))}
+
+    class FrozenFirst(Dense):
         letter, name = "F", "frozen-first"
-        calls: list = []
-
-        def start(self, pipe, phase):
-            super().start(pipe, phase)
-            self.calls.append(("start", phase.label))
-
-        def hooks(self, pipe):
-            first = next(iter(pipe.prunable.values()))
-            return {"before_step": lambda: first.grad.zero_()}
+        State = FrozenFirstState
 
     register(FrozenFirst())
     try:
         assert [p.kind for p in expand_phases(PipelineSpec(flow="DF", epochs=1))] == ["D", "F"]
-        pipe = Pipeline({"task": TASK, "pipeline": {"flow": "DF", "epochs": 1, "lr": 0.05, "weight_decay": 0.0,
+        pipe = Pipeline({"task": TASK, "pipeline": {"flow": "DF", "epochs": [1, 2], "lr": 0.05, "weight_decay": 0.0,
                                              "momentum": 0.0},  # no momentum: a zero gradient holds the layer
                          "seed": 0})
         pipe.run(stop_after_phase=0)
         first = next(iter(pipe.prunable.values())).detach().clone()
         result = pipe.run()
-        assert FrozenFirst.calls == [("start", "F1")] and "acc_after_F1" in result.final
+        # 200 samples minus 10% validation in batches of 50: 4 steps per epoch, indexed through the phase
+        assert calls == [("start", "F1", 8), *range(8)] and "acc_after_F1" in result.final
         assert torch.equal(next(iter(pipe.prunable.values())), first)  # its hook held the layer
     finally:
         del PHASE_KINDS["F"]

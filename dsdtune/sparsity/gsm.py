@@ -52,7 +52,8 @@ class GlobalSparseMomentum:
         self.selected[chosen] = 1
         return self.selected
 
-    def step(self) -> None:
+    def step(self, step: int = 0) -> None:
+        """One GSM step (the training loop's step hook; `step` is its index, unused)."""
         self.select()
         with torch.no_grad():
             grads = [p.grad for p in self.params if p.grad is not None]

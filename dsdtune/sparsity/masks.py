@@ -120,11 +120,12 @@ class MaskApplier:
         self.params = [params[n] for n in self.names]
         self.masks = [masks[n] for n in self.names]
 
-    def apply_to_weights(self) -> None:
+    # The per-step methods take (and ignore) the step index, so they serve as training-loop hooks as they are.
+    def apply_to_weights(self, step: int = 0) -> None:
         with torch.no_grad():  # in-place on leaf parameters
             torch._foreach_mul_(self.params, self.masks)
 
-    def apply_to_grads(self) -> None:
+    def apply_to_grads(self, step: int = 0) -> None:
         # Gradients are plain tensors (no autograd history), so no no_grad is needed here.
         grads = [p.grad for p in self.params]
         try:
