@@ -60,6 +60,12 @@ class ModelCost:
                    tuple(data["prunable"]))
 
 
+def model_cost_key(task) -> str:
+    """What a model's FLOPs depend on: the model, its arguments and the data's sample shape."""
+    import json
+    return json.dumps([task.model, task.model_args, task.dataset, task.dataset_args], sort_keys=True, default=str)
+
+
 def measure_model(model: nn.Module, batch: torch.Tensor, prunable: Sequence[str]) -> ModelCost:
     """Forward FLOPs of `model` on one `batch` (first dimension = samples), per sample and layer.
 

@@ -247,9 +247,9 @@ class Pipeline:
     def _start_phase(self, phase: Phase) -> None:
         self.data_generator = seeded_generator(self.spec.seed, phase.index)
         self._ensure_optimizer(phase)
+        self._take_snapshot(phase.index, 0)  # the weights the phase starts from (a lottery ticket's step 0)
         self.phase_state = kind_of(phase.kind).start(self, phase)
         self.phase_started = True
-        self._take_snapshot(phase.index, 0)
 
     def _bind_masks(self, masks: Optional[Masks]) -> None:
         self.masks = masks

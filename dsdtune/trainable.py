@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -22,7 +23,9 @@ import torch
 from ray import tune
 
 from . import plugins
+from .atomic import write_bytes
 from .config import build_run_spec
+from .cost import ModelCost, model_cost_key
 from .pipeline import Pipeline, prefix_id
 from .sparsity.mask_files import nonzero_masks, save_masks
 
@@ -76,12 +79,16 @@ def prefix_stored(root: str, pid: str) -> bool:
 
 
 def store_prefix(root: str, pid: str, state: dict) -> None:
-    """Write atomically (temp file, then move): a reader sees the whole state or none."""
-    fs, path = _filesystem(root)
-    fs.create_dir(f"{path}/{pid}", recursive=True)
+    """Write atomically: a reader sees the whole state or none (a local folder through dsdtune.atomic;
+    a URI through a temp object moved into place)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    tmp = f"{path}/{pid}/.{STATE_FILE}.{os.getpid()}.tmp"
+    if "://" not in root:
+        write_bytes(os.path.join(root, pid, STATE_FILE), buffer.getvalue())
+        return
+    fs, path = _filesystem(root)
+    fs.create_dir(f"{path}/{pid}", recursive=True)
+    tmp = f"{path}/{pid}/.{STATE_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     with fs.open_output_stream(tmp) as handle:
         handle.write(buffer.getvalue())
     fs.move(tmp, f"{path}/{pid}/{STATE_FILE}")
@@ -116,9 +123,10 @@ def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> 
                      metric: _worst(study)})
         return
     torch.set_num_threads(max(1, int(study["cpus_per_trial"])))
-    pipeline = Pipeline(spec, device=_device(study["gpus_per_trial"]))
-    trial_name = tune.get_context().get_trial_name() or "trial"
-    tags = {"study": study["name"], "trial": trial_name}
+    stores_prefix = role == "rep" and bool(my_prefix)
+    # The trial that trains a shared prefix keeps the weights every arm sharing it will rewind to.
+    snapshots = study.get("prefix_snapshots", {}).get(my_prefix, []) if stores_prefix else []
+    pipeline = Pipeline(spec, device=_device(study["gpus_per_trial"]), snapshots=[tuple(p) for p in snapshots])
 
     checkpoint = tune.get_checkpoint()
     started_from = "scratch"
@@ -129,63 +137,96 @@ def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> 
         pipeline.load_state_dict(load_prefix(study["prefix_root"], my_prefix))
         started_from = "prefix"
     stop_after = length - 1 if stop_after_prefix else None
-    last_phase = (stop_after if stop_after is not None else len(pipeline.phases) - 1)
-    last_checkpoint = time.monotonic()
-    stores_prefix = role == "rep" and bool(my_prefix)
-    extras = {"prefix_id": my_prefix, "started_from": started_from, "role": role,
-              "node_id": ray.get_runtime_context().get_node_id()}
-    stop_file = study.get("stop_file") or ""
-    every_epoch = bool(study.get("report_every_epoch"))
-    unreported: list[dict] = []  # the epochs since the last report
-    last_report = time.monotonic()
+    reporter = TrialReporter(study, spec, prefix=my_prefix if stores_prefix else "",
+                             last_phase=stop_after if stop_after is not None else len(pipeline.phases) - 1,
+                             extras={"prefix_id": my_prefix, "started_from": started_from, "role": role,
+                                     "node_id": ray.get_runtime_context().get_node_id()})
+    pipeline.run(on_epoch=reporter.on_epoch, stop_after_phase=stop_after)
 
-    def on_epoch(metrics: dict, pipe: Pipeline) -> None:
-        nonlocal last_checkpoint, last_report
-        unreported.append(dict(metrics))
-        report = dict(metrics)
-        report.update(pipe.phase_end)
-        report.update(extras)
-        finished = pipe.status == "diverged" or pipe.phase_index > last_phase
+
+class TrialReporter:
+    """What one trial tells Tune, one method per duty: every epoch is kept and sent in batches (at phase
+    ends, checkpoints, a stop request, and at most every REPORT_EVERY_S; every epoch under a
+    scheduler), the node's gauges follow the trial, the shared prefix is stored the moment it ends,
+    checkpoints are taken at phase ends and every `checkpoint_every_s`, and the final report carries
+    the trial's per-layer densities, weight histograms and cost."""
+
+    def __init__(self, study: dict, spec, prefix: str, last_phase: int, extras: dict):
+        self.study, self.spec, self.metric = study, spec, study["metric"]
+        self.prefix = prefix  # the shared prefix this trial stores ("" if none)
+        self.last_phase = last_phase
+        self.extras = extras
+        self.tags = {"study": study["name"], "trial": tune.get_context().get_trial_name() or "trial"}
+        self.unreported: list[dict] = []  # the epochs since the last report
+        self.last_report = self.last_checkpoint = time.monotonic()
+
+    def on_epoch(self, metrics: dict, pipe: Pipeline) -> None:
+        self.unreported.append(dict(metrics))
+        finished = pipe.status == "diverged" or pipe.phase_index > self.last_phase
+        report = self.report(metrics, pipe, finished)
+        self.set_gauges(metrics, pipe, report)
+        at_boundary = pipe.epoch_in_phase == 0  # a phase just ended
+        checkpoint_due = time.monotonic() - self.last_checkpoint >= self.study["checkpoint_every_s"]
+        stop_file = self.study.get("stop_file") or ""
+        stop_requested = bool(stop_file) and os.path.exists(stop_file)  # the driver is stopping the study
+        if not (self.study.get("report_every_epoch") or at_boundary or checkpoint_due or finished or stop_requested
+                or time.monotonic() - self.last_report >= REPORT_EVERY_S):
+            return
+        report["history_json"] = json.dumps(self.unreported)
+        self.unreported.clear()
+        self.last_report = time.monotonic()
+        if at_boundary and pipe.phase_index == self.study["prefix_length"]:
+            self.store_prefix(pipe, report)
+        if (at_boundary or checkpoint_due or finished or stop_requested) and pipe.status != "diverged":
+            self.checkpoint(pipe, report, finished)
+        else:
+            tune.report(report)
+
+    def report(self, metrics: dict, pipe: Pipeline, finished: bool) -> dict:
+        report = {**metrics, **pipe.phase_end, **self.extras}
         # The trial itself says when it is done: "running" in the last row means a scheduler stopped it.
         report["status"] = "ok" if finished and pipe.status != "diverged" else pipe.status
         report["epochs_trained"] = pipe.global_epoch  # the whole flow, its shared prefix included
         if finished:
-            report["layer_densities_json"] = json.dumps(pipe.layer_densities or pipe.extra.get("gsm_layer_densities", {}))
-            report["weight_histograms_json"] = json.dumps(pipe.histograms)
-            report["gsm_overlap_json"] = json.dumps(pipe.extra.get("gsm_overlap", []))
-            report["phase_layer_densities_json"] = json.dumps(pipe.extra.get("phase_layer_densities", {}))
-        if report.get(metric) is None or report[metric] != report[metric]:
-            report[metric] = _worst(study)  # NaN breaks schedulers
-        gauges = _gauges()
-        gauges["epoch"].set(pipe.global_epoch, tags=tags)
-        gauges["phase"].set(metrics["phase"], tags=tags)
-        if metrics.get("sparsity") == metrics.get("sparsity"):
-            gauges["sparsity"].set(metrics["sparsity"], tags=tags)
-        gauges["val_metric"].set(report[metric], tags=tags)
-        at_boundary = pipe.epoch_in_phase == 0  # a phase just ended
-        due = time.monotonic() - last_checkpoint >= study["checkpoint_every_s"]
-        stop_requested = bool(stop_file) and os.path.exists(stop_file)  # the driver is stopping the study
-        if not (every_epoch or at_boundary or due or finished or stop_requested
-                or time.monotonic() - last_report >= REPORT_EVERY_S):
-            return
-        report["history_json"] = json.dumps(unreported)
-        unreported.clear()
-        last_report = time.monotonic()
-        if (stores_prefix and at_boundary and pipe.phase_index == length and pipe.status != "diverged"
-                and not prefix_stored(study["prefix_root"], my_prefix)):
-            store_prefix(study["prefix_root"], my_prefix, pipe.state_dict())  # before the report that says so
-            report["prefix_stored"] = my_prefix
-        if (at_boundary or due or finished or stop_requested) and pipe.status != "diverged":
-            directory = tempfile.mkdtemp(prefix="dsdtune-ckpt-")  # fresh for every checkpoint
-            try:
-                torch.save(pipe.state_dict(), os.path.join(directory, STATE_FILE))
-                if finished:  # the trial's final masks (its nonzero pattern), 1 bit per weight
-                    save_masks(nonzero_masks(pipe.prunable), os.path.join(directory, MASKS_FILE))
-                tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
-            finally:  # report() has persisted it, or a scheduler stopped the trial inside report()
-                shutil.rmtree(directory, ignore_errors=True)
-            last_checkpoint = time.monotonic()
-        else:
-            tune.report(report)
+            report.update(self.final_fields(pipe))
+        if report.get(self.metric) is None or report[self.metric] != report[self.metric]:
+            report[self.metric] = _worst(self.study)  # NaN breaks schedulers
+        return report
 
-    pipeline.run(on_epoch=on_epoch, stop_after_phase=stop_after)
+    def final_fields(self, pipe: Pipeline) -> dict:
+        fields = {"layer_densities_json": json.dumps(pipe.layer_densities),
+                  "weight_histograms_json": json.dumps(pipe.histograms),
+                  "phase_layer_densities_json": json.dumps(pipe.extra.get("phase_layer_densities", {})),
+                  "extra_json": json.dumps({k: v for k, v in pipe.extra.items()
+                                            if k not in ("phase_layer_densities", "phase_costs")}, default=str)}
+        if pipe.status != "diverged":
+            known = self.study.get("model_costs", {}).get(model_cost_key(self.spec.task))
+            cost = pipe.cost(ModelCost.from_dict(known) if known else None)
+            fields.update(cost.as_row())
+        return fields
+
+    def set_gauges(self, metrics: dict, pipe: Pipeline, report: dict) -> None:
+        gauges = _gauges()
+        gauges["epoch"].set(pipe.global_epoch, tags=self.tags)
+        gauges["phase"].set(metrics["phase"], tags=self.tags)
+        if metrics.get("sparsity") == metrics.get("sparsity"):
+            gauges["sparsity"].set(metrics["sparsity"], tags=self.tags)
+        gauges["val_metric"].set(report[self.metric], tags=self.tags)
+
+    def store_prefix(self, pipe: Pipeline, report: dict) -> None:
+        """The shared prefix, before the report that says so (dependents start from it once they read it)."""
+        root = self.study["prefix_root"]
+        if self.prefix and pipe.status != "diverged" and not prefix_stored(root, self.prefix):
+            store_prefix(root, self.prefix, pipe.state_dict())
+            report["prefix_stored"] = self.prefix
+
+    def checkpoint(self, pipe: Pipeline, report: dict, finished: bool) -> None:
+        directory = tempfile.mkdtemp(prefix="dsdtune-ckpt-")  # fresh for every checkpoint
+        try:
+            torch.save(pipe.state_dict(), os.path.join(directory, STATE_FILE))
+            if finished:  # the trial's final masks (its nonzero pattern), 1 bit per weight
+                save_masks(nonzero_masks(pipe.prunable), os.path.join(directory, MASKS_FILE))
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
+        finally:  # report() has persisted it, or a scheduler stopped the trial inside report()
+            shutil.rmtree(directory, ignore_errors=True)
+        self.last_checkpoint = time.monotonic()

@@ -1,14 +1,17 @@
-"""dsdtune.cost: per-layer FLOPs from torch's flop counter equal hand-computed values."""
+"""dsdtune.cost: per-layer FLOPs from torch's flop counter equal hand-computed values; a run's FLOPs
+from what its phase kinds recorded."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dsdtune.cost import flow_cost, measure_model, trial_cost
+from dsdtune.cost import measure_model, trial_cost
 from dsdtune.models import build_model
-from dsdtune.pipeline import expand_phases
-from dsdtune.config import PipelineSpec
+from dsdtune.pipeline import Pipeline
 from dsdtune.sparsity.masks import prunable_weights
+
+SYNTHETIC = {"dataset": "synthetic", "dataset_args": {"num_train": 200, "input_shape": [20], "num_classes": 4},
+             "model": "mlp", "model_args": {"widths": [32]}, "batch_size": 16, "val_fraction": 0.1, "device": "cpu"}
 
 
 def _mlp(exclude_first=True):
@@ -33,24 +36,64 @@ def test_two_layer_mlp_dense_and_half_sparse():
 
 
 def test_flow_training_flops_per_phase_density():
-    _, cost = _mlp()
-    phases = expand_phases(PipelineSpec(flow="DSD", epochs=[2, 1, 1], lr=[0.1, 0.01, 0.001], sparsity=0.5))
-    t = flow_cost(cost, phases, samples_per_epoch=100)
-    assert [p.forward_flops for p in t.phases] == [6400, 5760, 6400]
-    assert t.training_flops == 3 * 100 * (6400 * 2 + 5760 * 1 + 6400 * 1)
-    assert t.training_flops_dense == 3 * 100 * 6400 * 4
-    assert t.inference_flops == t.inference_flops_dense == 6400  # the re-dense phase drops the mask
-    assert t.params_final == cost.params and t.exact
-    ds = flow_cost(cost, expand_phases(PipelineSpec(flow="DS", epochs=[2, 1], lr=[0.1, 0.01], sparsity=0.5)), 100)
-    assert ds.inference_flops == 5760 and ds.params_final == cost.params - 320
-    # Global magnitude's per-layer densities depend on the weights: approximated and said so.
-    gm = flow_cost(cost, expand_phases(PipelineSpec(flow="DS", epochs=[2, 1], lr=[0.1, 0.01], sparsity=0.5,
-                                                    criterion="global_magnitude")), 100)
-    assert not gm.exact and "global_magnitude" in gm.note
-    exact = flow_cost(cost, expand_phases(PipelineSpec(flow="DS", epochs=[2, 1], lr=[0.1, 0.01], sparsity=0.5,
-                                                       criterion="global_magnitude")), 100,
-                      phase_densities=[None, {"layers.2.weight": 0.25}])
-    assert exact.exact and exact.inference_flops == 5120 + 0.25 * 1280
+    """A DSD run's FLOPs: each phase at the densities its kind recorded (S: the mask it trained)."""
+    pipe = Pipeline({"task": SYNTHETIC, "pipeline": {"flow": "DSD", "epochs": [2, 1, 1], "lr": [0.1, 0.01, 0.001],
+                                                     "sparsity": 0.5}, "seed": 0})
+    pipe.run()
+    cost = pipe.cost()
+    dense, sparse = 2 * (20 * 32 + 32 * 4), 2 * 20 * 32 + 0.5 * 2 * 32 * 4
+    assert [p.training_flops for p in cost.phases] == [3 * 180 * 2 * dense, 3 * 180 * sparse, 3 * 180 * dense]
+    assert cost.training_flops == 3 * 180 * (2 * dense + sparse + dense)
+    assert cost.training_flops_dense == 3 * 180 * dense * 4
+    assert cost.inference_flops == cost.inference_flops_dense == dense  # the re-dense phase drops the mask
+    assert cost.params_final == cost.params
+    # DS ends sparse: the final model counts what is there, its non-zero entries
+    ds = Pipeline({"task": SYNTHETIC, "pipeline": {"flow": "DS", "epochs": [2, 1], "lr": [0.1, 0.01],
+                                                   "sparsity": 0.5}, "seed": 0})
+    ds.run()
+    assert ds.cost().inference_flops == sparse and ds.cost().params_final == cost.params - 64
+    # global magnitude: the per-layer densities the phase really trained at
+    gm = Pipeline({"task": SYNTHETIC, "pipeline": {"flow": "DS", "epochs": [2, 1], "lr": [0.1, 0.01],
+                                                   "sparsity": 0.5, "criterion": "global_magnitude"}, "seed": 0})
+    gm.run()
+    density = gm.masks.layer_densities()["layers.2.weight"]
+    assert gm.cost().phases[1].training_flops == 3 * 180 * (2 * 20 * 32 + density * 2 * 32 * 4)
+
+
+def test_a_module_with_several_weights_shares_its_flops_by_size():
+    """A GRU's input and hidden weights each take their own matrix products: DSD at 0.9 with the
+    first layer pruned too costs 3 x (f_D + 0.1 f_pruned + f_D) / 3, not less than the S phase alone."""
+    torch.manual_seed(0)
+    model = build_model("gru", (40,), 10)
+    prunable = list(prunable_weights(model, exclude_first=False))
+    cost = measure_model(model, torch.zeros(3, 40), prunable)
+    recurrent = [n for n in prunable if "weight_" in n]
+    assert len(recurrent) >= 2
+    owner_total = sum(cost.layer_flops[n] for n in recurrent)
+    for name in recurrent:  # each weight's share is its size's share of the module's FLOPs
+        assert cost.layer_flops[name] == pytest.approx(owner_total * cost.layer_numel[name] /
+                                                       sum(cost.layer_numel[n] for n in recurrent))
+    assert sum(cost.layer_flops.values()) <= cost.forward_flops
+    sparse = cost.forward_flops_at({n: 0.1 for n in prunable})
+    assert 0 < sparse < cost.forward_flops
+    flow = (cost.forward_flops + sparse + cost.forward_flops) / (3 * cost.forward_flops)
+    assert 0.69 < flow < 0.71
+
+
+def test_trial_cost_from_a_run():
+    spec = {"task": {**SYNTHETIC, "batch_size": 16},
+            "pipeline": {"flow": "DSD", "epochs": [3, 2, 1], "lr": [0.1, 0.01, 0.001], "sparsity": 0.75}, "seed": 0}
+    pipe = Pipeline(spec)
+    pipe.run()
+    t = pipe.cost()
+    assert t.samples_per_epoch == 180  # 200 minus the 10% validation rows
+    dense, sparse = 2 * (20 * 32 + 32 * 4), 2 * 20 * 32 + 0.25 * 2 * 32 * 4
+    assert t.training_flops == pytest.approx(3 * 180 * (3 * dense + 2 * sparse + 1 * dense))
+    assert t.training_flops_dense == pytest.approx(3 * 180 * 6 * dense)
+    # the same numbers from the records alone, as a report would compute them
+    again = trial_cost(pipe.measure(), [(p, pipe.extra["phase_costs"][p.label]) for p in pipe.phases], 180, 16,
+                       pipe.model)
+    assert again == t
 
 
 def _conv_flops(cin, cout, k, hw_out):
@@ -75,15 +118,3 @@ def test_resnet20_dense_and_half_sparse_equal_hand_count():
     assert cost.params == 269_722  # the paper's 0.27M
     half = {n: 0.5 for n in prunable}
     assert cost.forward_flops_at(half) == expected["conv1.weight"] + 0.5 * (81_102_080 - expected["conv1.weight"])
-
-
-def test_trial_cost_from_a_run_spec():
-    spec = {"task": {"dataset": "synthetic", "dataset_args": {"num_train": 200, "input_shape": [20], "num_classes": 4},
-                     "model": "mlp", "model_args": {"widths": [32]}, "batch_size": 16, "val_fraction": 0.1},
-            "pipeline": {"flow": "DSD", "epochs": [3, 2, 1], "lr": [0.1, 0.01, 0.001], "sparsity": 0.75}, "seed": 0}
-    t = trial_cost(spec)
-    assert t.samples_per_epoch == 180  # 200 minus the 10% validation rows
-    dense, sparse = 2 * (20 * 32 + 32 * 4), 2 * 20 * 32 + 0.25 * 2 * 32 * 4
-    assert [p.forward_flops for p in t.phases] == [dense, sparse, dense]
-    assert t.training_flops == pytest.approx(3 * 180 * (3 * dense + 2 * sparse + 1 * dense))
-    assert t.training_flops_dense == pytest.approx(3 * 180 * 6 * dense)

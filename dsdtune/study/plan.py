@@ -34,6 +34,9 @@ class Plan:
     prefix_epochs: int = 0
     factors: list[str] = field(default_factory=list)
     runs: list = field(default_factory=list)  # one checked RunSpec per arm (or Optuna probe), first seed
+    # prefix id -> (phase index, step) points inside the prefix whose weights some trial sharing it needs
+    prefix_snapshots: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    model_costs: dict[str, dict] = field(default_factory=dict)  # model_cost_key -> ModelCost.as_dict()
 
     @property
     def epochs_without_sharing(self) -> int:
@@ -105,6 +108,20 @@ def _check_trial(spec: StudySpec, assign: dict[str, Any], seed: int, where: str)
     return run
 
 
+def check_settings_blocks(runs: list) -> None:
+    """A kind's settings block that no arm's flow uses changes nothing: refused (one line)."""
+    from ..phases import PHASE_KINDS, settings_blocks
+    used = {c for run in runs for c in run.pipeline.flow}
+    owners = {k.settings_key: k for k in PHASE_KINDS.values() if k.settings_key}
+    for run in runs:
+        for key in settings_blocks(run.pipeline):  # check_names has refused keys no kind owns
+            owner = owners[key]
+            if owner.letter not in used:
+                flows = ", ".join(sorted({r.pipeline.flow for r in runs}))
+                raise SpecError(f"pipeline.{key}: sets {owner.letter} ({owner.name}), which no arm's flow uses "
+                                f"(flows: {flows}); drop the block or use {owner.letter} in a flow")
+
+
 def make_plan(spec: StudySpec) -> Plan:
     """Arms, seeds, shared prefixes and epoch counts; validates every arm's run spec."""
     for path in list(spec.search.space) + [p for v in (spec.variants or {}).values() for p in v]:
@@ -121,17 +138,22 @@ def make_plan(spec: StudySpec) -> Plan:
     # Factors: the searched fields, and what the confirm stage's control changes (e.g. sparsity).
     control_keys = [k for k in (spec.confirm.control if spec.confirm else {}) if k not in spec.search.space]
     plan.arms, plan.factors, plan.trial_prefix = [], list(spec.search.space) + control_keys, {}
-    plan.prefixes = {}
+    needed = sorted({point for points in plan.prefix_snapshots.values() for point in points})
+    plan.prefixes, plan.prefix_snapshots = {}, {}
     if plan.prefix_length:
         from ..pipeline import prefix_id
         for seed in plan.seeds:
-            plan.prefixes[prefix_id(build_run_spec(spec.base_run(), {}, seed), plan.prefix_length)] = ("base", seed)
+            pid = prefix_id(build_run_spec(spec.base_run(), {}, seed), plan.prefix_length)
+            plan.prefixes[pid] = ("base", seed)
+            if needed:
+                plan.prefix_snapshots[pid] = needed
     return plan
 
 
 def plan_for_arms(spec: StudySpec, arms: list[Arm]) -> Plan:
     """The plan for fixed arms x the study's seeds; the prefix is the leading phases all arms share."""
-    from ..pipeline import expand_phases, prefix_id
+    from ..phases import expand_phases, flow_snapshots
+    from ..pipeline import prefix_id
     seeds = spec.seed_list
     runs = {a.label: _check_trial(spec, a.assign, seeds[0], f" (arm {a.label})" if a.factors else "") for a in arms}
     phase_lists = {label: expand_phases(run.pipeline, run.init) for label, run in runs.items()}
@@ -140,17 +162,22 @@ def plan_for_arms(spec: StudySpec, arms: list[Arm]) -> Plan:
     length = min(len(p) for p in phase_lists.values()) - 1 if spec.share_prefixes else 0
     while length > 0 and any(p[:length] != reference[:length] for p in phase_lists.values()):
         length -= 1
+    check_settings_blocks(list(runs.values()))
     plan = Plan(arms, seeds, length, factors=list(arms[0].factors), runs=list(runs.values()))
     plan.epochs_per_trial = {label: sum(p.epochs for p in plist) for label, plist in phase_lists.items()}
     plan.prefix_epochs = sum(p.epochs for p in reference[:length])
     if length:
         users: dict[str, list[tuple[str, int]]] = {}
         for arm in arms:
+            # the points inside the prefix whose weights this arm's later phases rewind to
+            needed = [point for point in flow_snapshots(phase_lists[arm.label]) if point[0] < length]
             for seed in seeds:
                 pid = prefix_id(build_run_spec(spec.base_run(), arm.assign, seed), length)
                 plan.trial_prefix[(arm.label, seed)] = pid
                 users.setdefault(pid, []).append((arm.label, seed))
+                plan.prefix_snapshots[pid] = sorted(set(plan.prefix_snapshots.get(pid, [])) | set(needed))
         plan.prefixes = {pid: trials[0] for pid, trials in users.items() if len(trials) > 1}
+        plan.prefix_snapshots = {pid: pts for pid, pts in plan.prefix_snapshots.items() if pts and pid in plan.prefixes}
     return plan
 
 
@@ -186,7 +213,7 @@ def confirm_arms(spec: StudySpec, best: dict) -> list[Arm]:
 
 def phase_labels(spec: StudySpec, plan: Plan) -> list[str]:
     """Phase labels of every arm's flow (variants may change it), in order of first appearance."""
-    from ..pipeline import expand_phases
+    from ..phases import expand_phases
     runs = [build_run_spec(spec.base_run(), a.assign, plan.seeds[0]) for a in plan.arms] or \
         [build_run_spec(spec.base_run(), {}, plan.seeds[0])]
     labels = [p.label for run in runs for p in expand_phases(run.pipeline, run.init)]

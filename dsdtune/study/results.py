@@ -109,7 +109,7 @@ def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str
         for key in ("val_acc", "val_loss", "test_acc", "test_loss", "sparsity"):
             row[f"final_{key}"] = metrics.get(key) if status not in ("prefix_diverged", "prefix_error") else None
         for key, value in metrics.items():
-            if key.startswith(("acc_after_", "val_acc_after_", "jacobian_", "init_")):
+            if key.startswith(("acc_after_", "val_acc_after_", "jacobian_", "init_")) or key in COST_COLUMNS:
                 row[key] = value
         trials.append(row)
         own = [] if status in ("prefix_diverged", "prefix_error") else reported_epochs(result)
@@ -133,6 +133,9 @@ def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str
     return trials, histories, layers, weights
 
 
+# What each trial's final report says it cost (dsdtune.cost.TrialCost.as_row), as trials.csv columns.
+COST_COLUMNS = ("params", "params_final", "inference_flops", "inference_flops_dense", "training_flops",
+                "training_flops_dense")
 HISTORY_COLUMNS = ["epoch", "phase", "phase_kind", "phase_label", "lr", "sparsity", "train_loss", "val_loss",
                    "val_acc", "test_loss", "test_acc"]
 
@@ -147,6 +150,12 @@ def write_atomic_text(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def phase_kinds(labels: list[str]) -> dict[str, dict]:
+    """What the report needs to know of each kind in the study's flows (letter -> name, dense, sparse)."""
+    from ..phases import kind_of
+    return {letter: kind_of(letter).describe() for letter in dict.fromkeys(label[0] for label in labels)}
 
 
 def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[str, list], arms: list[Arm],
@@ -213,7 +222,8 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
             "shared_prefix": bool(plan.prefixes), "prefix_length": plan.prefix_length,
             "epochs_with_sharing": plan.epochs_with_sharing if plan.arms else None,
             "epochs_without_sharing": plan.epochs_without_sharing if plan.arms else None,
-            "spec": spec.model_dump(mode="json"), "spec_hash": spec_hash(spec), "interrupted": interrupted}
+            "spec": spec.model_dump(mode="json"), "spec_hash": spec_hash(spec), "interrupted": interrupted,
+            "phase_kinds": phase_kinds(labels)}
     if spec.search.algorithm == "optuna" and spec.confirm:
         meta["control"] = dict(spec.confirm.control)
         meta["confirm_seeds"] = seeds_by_stage.get(STAGE_CONFIRM)

@@ -77,7 +77,9 @@ def _study_payload(spec: StudySpec, plan: Plan, arms: list[Arm], ray_storage: st
             "mode": spec.mode, "cpus_per_trial": spec.resources.cpu, "gpus_per_trial": spec.resources.gpu,
             "checkpoint_every_s": spec.checkpoint_every_s, "prefix_length": plan.prefix_length,
             "prefix_root": prefix_root(ray_storage), "stop_file": stop_file,
-            "report_every_epoch": spec.scheduler.kind != "none", "plugins": plugins.worker_payload()}
+            "report_every_epoch": spec.scheduler.kind != "none", "plugins": plugins.worker_payload(),
+            "prefix_snapshots": {pid: [list(p) for p in points] for pid, points in plan.prefix_snapshots.items()},
+            "model_costs": plan.model_costs}
 
 
 def prefix_root(ray_storage: str) -> str:
@@ -344,6 +346,7 @@ def optuna_stages(spec: StudySpec, plan: Plan, ray_storage: str, resume: bool, s
         confirm_spec = spec.model_copy(update={"seeds": confirm_seeds, "search": spec.search.model_copy(
             update={"algorithm": "grid", "space": {}}), "variants": None})
         confirm_plan = plan_for_arms(confirm_spec, [best_arm, control_arm])
+        confirm_plan.model_costs = plan.model_costs
         stages[STAGE_CONFIRM] = sweep_stage(confirm_spec, confirm_plan, [best_arm, control_arm], ray_storage,
                                             resume, signals, name=STAGE_CONFIRM)
     return stages, best, confirm_seeds

@@ -66,6 +66,7 @@ def check_control(spec: StudySpec) -> None:
 
 def check_search(spec: StudySpec) -> None:
     """Search settings that would otherwise be ignored, or fail only after the search has run."""
+    from ..phases import check_flow  # a kind's settings block is known to the kinds only
     search = spec.search
     sampled = [p for p, axis in search.space.items() if axis.kind not in ("grid", "choice")]
     if search.algorithm == "optuna":
@@ -80,7 +81,7 @@ def check_search(spec: StudySpec) -> None:
             probe = {p: (axis.grid or axis.choice or getattr(axis, axis.kind))[0] for p, axis in search.space.items()}
             for label, arm in zip(("the best config", "confirm.control"), confirm_arms(spec, probe)):
                 try:
-                    build_run_spec(spec.base_run(), arm.assign, spec.confirm.first_seed)
+                    check_flow(build_run_spec(spec.base_run(), arm.assign, spec.confirm.first_seed).pipeline)
                 except SpecError as err:
                     raise SpecError(f"confirm.control: {err}" if label == "confirm.control" else str(err)) from None
     elif spec.scheduler.kind != "none":
@@ -99,6 +100,7 @@ def check_tasks(plan: Plan) -> None:
 
     Also downloads or generates each dataset here, once, before trials race for it.
     """
+    from ..cost import model_cost_key
     from ..data import DatasetUnavailable, load_dataset
     from ..sparsity.init import check_options
     check_options([run.init for run in plan.runs])
@@ -122,10 +124,13 @@ def check_tasks(plan: Plan) -> None:
                                sort_keys=True, default=str)
         if build_key not in built:
             built.add(build_key)
-            _build_once(run, datasets[data_key])
+            pipeline = _build_once(run, datasets[data_key])
+            cost_key = model_cost_key(task)
+            if cost_key not in plan.model_costs:  # measured once per model and data, shipped to the trials
+                plan.model_costs[cost_key] = pipeline.measure().as_dict()
 
 
-def _build_once(run: RunSpec, data) -> None:
+def _build_once(run: RunSpec, data):
     import torch
     import torch.nn.functional as F
     from ..models import build_model
@@ -164,6 +169,7 @@ def _build_once(run: RunSpec, data) -> None:
         raise SpecError(f"task.model: {task.model} returns {got} for a batch of shape {list(x.shape)}; it must "
                         f"return logits of shape {expected} (batch, classes)")
     model.zero_grad(set_to_none=True)
+    return pipeline
 
 
 def _first_line(err: BaseException) -> str:
