@@ -176,9 +176,22 @@ def val_metric(study: Study) -> str | None:
     return None
 
 
+# What results written before study.json recorded its phase kinds knew of them.
+_OLD_KINDS = {"D": {"dense": True, "sparse": False}, "S": {"dense": False, "sparse": True},
+              "G": {"dense": False, "sparse": True}}
+
+
+def phase_kind(study: Study, letter: str) -> dict:
+    """A phase kind's attributes as the run recorded them (study.json "phase_kinds")."""
+    kinds = study.meta.get("phase_kinds") or _OLD_KINDS
+    return kinds.get(letter) or {"dense": False, "sparse": False}
+
+
 def baseline_column(study: Study, metric: str) -> str | None:
-    """Per-trial baseline (end of the first D phase) in the same kind as the metric, if any."""
-    if not study.flow.upper().startswith("D") or len(study.phase_labels) < 2:
+    """Per-trial baseline (end of a leading dense phase) in the same kind as the metric, if any."""
+    if not study.phase_labels or len(study.phase_labels) < 2:
+        return None
+    if not phase_kind(study, study.phase_labels[0][0]).get("dense"):
         return None
     first = study.phase_labels[0]
     if metric.startswith("final_val_acc") or metric.startswith("val_acc_after_"):

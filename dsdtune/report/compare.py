@@ -10,7 +10,7 @@ import pandas as pd
 
 from dsdtune import stats
 
-from .arms import (Arm, MetricInfo, as_number, baseline_column, canon, fmt_level, group_arms, metric_info,
+from .arms import (Arm, MetricInfo, as_number, baseline_column, canon, fmt_level, group_arms, metric_info, phase_kind,
                    resolve_metric, same, val_metric)
 from .costs import COST_COLUMNS, CostTable, trial_costs
 from .load import SpecSource, Study, StudyError, study_spec
@@ -80,7 +80,8 @@ def resolve_reference(study: Study, arms: list[Arm], control: dict | None) -> Re
             cand = [c for c in ctrl if all(same(c.factors[f], a.factors[f]) for f in match_on)]
             matched[a.key] = cand[0] if cand else None
         name, why = "the control", ""
-        if any(k.endswith("sparsity") and same(v, 0) for k, v in control.items()) and "S" in study.flow.upper():
+        prunes = any(phase_kind(study, c).get("sparse") for c in set(study.flow) if c.isalpha())
+        if any(k.endswith("sparsity") and same(v, 0) for k, v in control.items()) and prunes:
             name, why = "the direct fine-tune control", " (no pruning; same phases, epochs and LRs)"
         desc = f"Control: {spec_text} — {name}{why}."
         if match_on:
