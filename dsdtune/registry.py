@@ -143,8 +143,10 @@ class Registry:
         target = getattr(module, attr, None)
         if target is None or not self.check(target):
             where = f"module {module_name!r} ({getattr(module, '__file__', None) or 'built in'})"
-            what = "has no" if target is None else f"has a {type(target).__name__} (not {self.expects})"
-            raise SpecError(f"{field}: {where} {what} {attr!r}; it defines: {self._defined(module)}")
+            kind = type(target).__name__
+            what = (f"has no {attr!r}" if target is None else
+                    f"has {attr!r}, {'an' if kind[0] in 'aeiouAEIOU' else 'a'} {kind}, not {self.expects}")
+            raise SpecError(f"{field}: {where} {what}; it defines: {self._defined(module)}")
         return target
 
     def _defined(self, module) -> str:
