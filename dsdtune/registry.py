@@ -44,8 +44,10 @@ _INSTANCES: dict[str, "Registry"] = {}
 # Prefixes some instance handles itself ("torchvision:"): such names are not import paths.
 _PREFIXES: set[str] = set()
 
-# Listed when a module lacks the attribute asked for: at most this many names, then "...".
+# Listed when a module lacks the attribute asked for: at most this many names, then "...". Values a
+# module imports for its annotations are not what a user means to name.
 _MAX_LISTED = 20
+_NOT_OFFERED = {"typing", "typing_extensions", "builtins", "collections.abc", "abc"}
 
 
 def is_import_path(name: str) -> bool:
@@ -138,7 +140,7 @@ class Registry:
         module_name, _, attr = import_path.partition(":")
         if not (module_name and all(part.isidentifier() for part in module_name.split(".")) and attr.isidentifier()):
             raise SpecError(f"{field}: {import_path!r} is not an import path; write "
-                            f"{self.import_hint or 'module:attr'!r}, e.g. mynets:small_cnn")
+                            f"{self.import_hint or 'module:attr'} (module a.b is the file a/b.py)")
         module = import_module(module_name, field)
         target = getattr(module, attr, None)
         if target is None or not self.check(target):
@@ -190,10 +192,6 @@ class Registry:
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
-
-
-# Values a module imports for its annotations are not what a user means to name.
-_NOT_OFFERED = {"typing", "typing_extensions", "builtins", "collections.abc", "abc"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,10 +331,24 @@ def install(payload: Optional[dict]) -> None:
         return
     add_search_paths(payload.get("search_paths", ()))
     for kind, entries in payload.get("registered", {}).items():
-        _REGISTERED.setdefault(kind, {}).update(
-            {name: obj.load() if isinstance(obj, _ByName) else obj for name, obj in entries.items()})
-        if kind in _INSTANCES:
+        store = _REGISTERED.setdefault(kind, {})
+        changed = False
+        for name, obj in entries.items():
+            obj = obj.load() if isinstance(obj, _ByName) else obj
+            changed |= name not in store or not _same(store[name], obj)
+            store[name] = obj
+        if changed and kind in _INSTANCES:
             _INSTANCES[kind]._changed()
+
+
+def _same(old: Any, new: Any) -> bool:
+    """Whether a worker already holds this registration: every trial installs the payload again, and a
+    function shipped by value arrives as a new object each time (its code is what tells)."""
+    if old is new:
+        return True
+    code = getattr(new, "__code__", None)
+    return (code is not None and code == getattr(old, "__code__", None)
+            and getattr(old, "__qualname__", None) == getattr(new, "__qualname__", None))
 
 
 def modules_to_ship(names: Iterable[str]) -> list[str]:

@@ -3,6 +3,7 @@ import importlib
 import pickle
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -163,3 +164,17 @@ def test_registered_objects_of_a_users_module_travel_by_name(folder):
     registry.install(pickle.loads(payload))
     assert reg.lookup("mine")() == "mine" and reg["builtin_fn"] is max
     assert registry.search_paths() == [str(folder)]
+
+
+def test_installing_the_same_payload_again_keeps_what_was_built_from_it(folder):
+    """Every trial installs the study's payload; only a real change may drop a cache (on_change)."""
+    calls = []
+    reg = things(on_change=lambda: calls.append(1))
+    reg.register("lam", lambda: 1)
+    payload = registry.worker_payload()
+    for _ in range(3):  # a function shipped by value arrives as a new object, with the same code, each time
+        lam = payload["registered"]["thing"]["lam"]
+        registry.install({**payload, "registered": {"thing": {"lam": types.FunctionType(lam.__code__, {})}}})
+    assert len(calls) == 1
+    registry.install({"search_paths": [], "registered": {"thing": {"lam": lambda: 2}}})
+    assert len(calls) == 2 and reg["lam"]() == 2
