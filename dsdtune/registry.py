@@ -21,6 +21,7 @@ uploaded (`runtime_env`: Ray's `py_modules`). Imports nothing of dsdtune but `co
 """
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import importlib.machinery
 import importlib.util
@@ -55,7 +56,7 @@ def is_import_path(name: str) -> bool:
     return ":" in name and not any(name.startswith(prefix) for prefix in _PREFIXES)
 
 
-class Registry:
+class Registry(collections.abc.Mapping):
     """Names -> objects for one concern (models, datasets, ...): built-ins, registered ones, import paths.
 
     - `kind`: the registration's name (`register_<kind>` in messages) and the key workers install under.
