@@ -25,8 +25,9 @@ import torch
 
 from .config import InitSpec, PipelineSpec, RunSpec, SpecError, _as_list, parse_run_spec
 from .data import Dataset, StreamingDataset, dataset_loader, load_dataset
-from .models import TORCHVISION_PREFIX, build_model, load_init_checkpoint, model_factory
+from .models import TORCHVISION_PREFIX, build_model, model_factory
 from .phases import PHASE_KINDS, init_mask_letters, kind_of, resolve_exclude_first
+from .sparsity.checkpoint import load_init_checkpoint
 from .sparsity.masks import MaskApplier, Masks, measured_sparsity, prunable_weights
 from .seeding import generator, seed_everything
 from .training import (

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .. import plugins
+from .. import registry
 from ..config import SpecError, default_studies_dir, load_study, resolve_study_path
 from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, confirm_arms, describe_plan, make_plan
 from .state import StudyLock, check_same_spec, spec_file, stop_file, store_spec
@@ -75,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         spec = load_study(args.study, args.set)
         # A user's model / dataset modules are imported from the study file's folder and the cwd.
-        plugins.add_search_paths(plugins.study_search_paths(resolve_study_path(args.study)))
+        registry.add_search_paths(registry.study_search_paths(resolve_study_path(args.study)))
         results_dir, ray_storage = check_storage(spec, Path(args.results))
         plan = make_plan(spec)
         check_control(spec)
@@ -96,8 +96,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         lock.acquire()
         if args.resume and not args.fresh and (has_state or ray_state is None):
             check_same_spec(results_dir, spec)
-        runtime_env = plugins.runtime_env([name for run in distinct_runs(plan)
-                                           for name in (run.task.model, run.task.dataset)], bool(args.address))
+        runtime_env = registry.runtime_env([name for run in distinct_runs(plan)
+                                            for name in (run.task.model, run.task.dataset)], bool(args.address))
     except SpecError as err:
         if lock is not None:
             lock.release()
