@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported when reading: the runner uses the layout's names without it
+    import pandas as pd
 
 # ---------------------------------------------------------------------------------- the layout
 
@@ -111,7 +112,7 @@ class StudyResults:
     summary: pd.DataFrame
     comparisons: pd.DataFrame
     layers: pd.DataFrame
-    weights: pd.DataFrame = field(default_factory=pd.DataFrame)
+    weights: pd.DataFrame
 
     @property
     def name(self) -> str:
@@ -137,6 +138,7 @@ class StudyResults:
 
 def _read_table(path: Path, required: tuple = ()) -> pd.DataFrame:
     """An optional table: empty when absent or empty, a ResultsError when it cannot be read."""
+    import pandas as pd
     if not path.is_file():
         return pd.DataFrame()
     try:
@@ -167,6 +169,7 @@ def _read_meta(path: Path, required: bool) -> dict:
 
 
 def _read_trials(path: Path) -> pd.DataFrame:
+    import pandas as pd
     if not path.is_file():
         raise ResultsError(f"{path} is missing; the study has not written any trials yet "
                            f"(give the results folder of a study, e.g. results/<study>)")
@@ -215,6 +218,7 @@ def load_results(path: Union[str, Path], *, report_tables: bool = True, require_
     `report_tables=False` leaves summary.csv and comparisons.csv unread (what the report itself is
     about to rewrite); `require_meta` makes a missing study.json an error. Raises ResultsError.
     """
+    import pandas as pd
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent
