@@ -31,7 +31,8 @@ def reference_metrics(study_path, overrides, arm_assign, seed):
 
 def test_study_runs_shares_prefixes_and_records_divergence(ray_local, tmp_path):
     overrides = ['variants={stable: {}, diverging: {pipeline.lr: [0.05, 1000.0, 0.0005]}}']
-    args = [str(TINY), "--results", str(tmp_path), "--no-report", "--fresh"] + sum((["--set", o] for o in overrides), [])
+    sets = sum((["--set", o] for o in overrides), [])
+    args = [str(TINY), "--results", str(tmp_path), "--no-report", "--fresh", *sets]
     out = tmp_path / "tiny"
     # A previous run's files in the folder dsdtune made for it, and a file of the user's
     from dsdtune.study.state import claim_folders

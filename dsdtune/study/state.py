@@ -94,7 +94,8 @@ def spec_file(results_dir: Path) -> Path:
 
 
 def store_spec(results_dir: Path, spec: StudySpec) -> None:
-    write_text(spec_file(results_dir), json.dumps({"hash": spec_hash(spec), "spec": study_identity(spec)}, indent=2) + "\n")
+    stored = {"hash": spec_hash(spec), "spec": study_identity(spec)}
+    write_text(spec_file(results_dir), json.dumps(stored, indent=2) + "\n")
 
 
 def check_same_spec(results_dir: Path, spec: StudySpec) -> None:
