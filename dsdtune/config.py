@@ -294,8 +294,10 @@ class StudySpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
-            raise ValueError("use letters, digits, '_', '-', '.' only")
+        # The name is a folder under --results: never ".", "..", a hidden name or a path.
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", value):
+            raise ValueError(f"{value!r} is not a plain folder name; use letters, digits, '_', '-', '.', "
+                             f"starting with a letter, digit or '_'")
         return value
 
     @field_validator("seeds")

@@ -11,31 +11,14 @@ Every trial gets the cost of its planned flow; per-arm means use the ok trials.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from .load import SpecSource, Study, arm_assignments
+from .load import arm_assignments
+from .types import COST_COLUMNS, CostTable, ReportInput, SpecSource
 
-COST_COLUMNS = ["params", "params_final", "inference_flops", "inference_flops_dense", "training_flops",
-                "training_flops_dense", "cost_exact"]
-
-
-@dataclass
-class CostTable:
-    """trial_id + COST_COLUMNS + cost_note per trial (None when costs could not be computed)."""
-
-    trials: pd.DataFrame | None
-    description: str  # how they were computed, or why not (a sentence for report.md)
-
-    def for_trials(self, trial_ids) -> pd.DataFrame:
-        if self.trials is None:
-            return pd.DataFrame(columns=["trial_id", *COST_COLUMNS])
-        return self.trials[self.trials["trial_id"].isin(list(trial_ids))]
-
-
-def trial_costs(study: Study, source: SpecSource) -> CostTable:
+def trial_costs(study: ReportInput, source: SpecSource) -> CostTable:
     """Cost of every trial in trials.csv, or a table of None with the reason."""
     if source.spec is None:
         return CostTable(None, f"Costs not computed: {source.description}.")
