@@ -147,7 +147,7 @@ def prepare(task: dict, device: torch.device) -> tuple[dict[str, Callable[[], No
     # Same-math check: one epoch of each loop from the same state and data order.
     for label, pipe in (("dense", dense), ("sparse", sparse)):
         hand = HandWritten(pipe, sparse=pipe is sparse, seed=0)
-        hand.generator.set_state(pipe.generator.get_state())
+        hand.generator.set_state(pipe.data_generator.get_state())
         pipeline_epoch(pipe, with_eval=False)()
         hand.epoch()
         info[f"diff_{label}"] = max_difference(pipe.model, hand.model)

@@ -11,9 +11,12 @@ def __getattr__(name):
     if name in ("run_pipeline", "Pipeline"):
         from . import pipeline
         return getattr(pipeline, name)
-    if name in ("register_model", "register_dataset"):
-        from . import plugins
-        return getattr(plugins, name)
+    if name == "register_model":
+        from .models import register_model
+        return register_model
+    if name == "register_dataset":
+        from .data import register_dataset
+        return register_dataset
     if name in ("RunSpec", "load_study"):
         from . import config
         return getattr(config, name)

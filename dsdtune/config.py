@@ -33,6 +33,15 @@ class KindSettings(_Strict):
 
 
 class TaskSpec(_Strict):
+    """Dataset + model. `data_dir`: where the dataset's files are read, downloaded or cached.
+
+    Unset (null), every dataset lives in one place whatever the directory a command runs in:
+    `$DSDTUNE_DATA_DIR`, else `$XDG_CACHE_HOME/dsdtune/data`, else `~/.cache/dsdtune/data`
+    (`dsdtune.data.default_data_dir`). A relative path in a study file is relative to the study
+    file's folder, like `init.checkpoint` and the modules of `module:function` names; one given with
+    `--set` is relative to the current directory (see `load_study`).
+    """
+
     dataset: str = "mnist1d"
     dataset_args: dict[str, Any] = Field(default_factory=dict)
     model: str = "mlp"
@@ -41,7 +50,7 @@ class TaskSpec(_Strict):
     eval_batch_size: StrictInt = Field(2048, gt=0)
     augment: StrictBool = False
     val_fraction: StrictFloat = Field(0.1, gt=0.0, lt=0.5)
-    data_dir: str = "data"
+    data_dir: Optional[str] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Stream through a DataLoader instead of holding the data on the device (datasets given as torch
     # Datasets always stream); loader_workers are its worker processes (0: load in the training process).
@@ -293,8 +302,10 @@ class StudySpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
-            raise ValueError("use letters, digits, '_', '-', '.' only")
+        # The name is a folder under --results: never ".", "..", a hidden name or a path.
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", value):
+            raise ValueError(f"{value!r} is not a plain folder name; use letters, digits, '_', '-', '.', "
+                             f"starting with a letter, digit or '_'")
         return value
 
     @field_validator("seeds")
@@ -322,12 +333,13 @@ class StudySpec(_Strict):
     def base_run(self) -> dict[str, Any]:
         """The run spec (task/init/pipeline) before search values are filled in.
 
-        `task.data_dir` is made absolute here: Ray runs each trial in a directory of its own, and a
-        relative path would regenerate the data per trial (and name a different prefix).
+        Paths are made absolute (`load_study` already did for a study file's; a spec built in Python
+        has them relative to the current directory): Ray runs each trial in a directory of its own,
+        where a relative data_dir would regenerate the data per trial (and name a different prefix).
         """
-        task = self.task.model_dump()
-        task["data_dir"] = str(Path(task["data_dir"]).expanduser().resolve())
-        return {"task": task, "init": self.init.model_dump(), "pipeline": self.pipeline.model_dump()}
+        tree = {"task": self.task.model_dump(), "init": self.init.model_dump(), "pipeline": self.pipeline.model_dump()}
+        _paths_relative_to(tree, Path.cwd())
+        return tree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +434,11 @@ def parse_run_spec(spec: Union[dict, RunSpec]) -> RunSpec:
 
 
 def load_study(source: Union[str, Path], overrides: list[str] = (), studies_dir: Union[str, Path, None] = None) -> StudySpec:
-    """Load a study by name (studies/NAME.yaml) or path, apply `key=value` overrides, validate."""
+    """Load a study by name (studies/NAME.yaml) or path, apply `key=value` overrides, validate.
+
+    Relative paths (`PATH_FIELDS`) become absolute: those written in the study file against the
+    file's folder, those given in `overrides` (`--set`) against the current directory.
+    """
     path = resolve_study_path(source, studies_dir)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -434,10 +450,11 @@ def load_study(source: Union[str, Path], overrides: list[str] = (), studies_dir:
         raise SpecError(f"{path}: a study file must be a YAML mapping with at least 'name'")
     raw = copy.deepcopy(raw)
     raw.setdefault("name", path.stem)
+    _paths_relative_to(raw, path.parent)
     for text in overrides:
         key, value = parse_override(text)
         set_by_path(raw, key, value)
-    _checkpoints_relative_to(raw, path.parent)
+    _paths_relative_to(raw, Path.cwd())  # only the overrides' paths are still relative
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as err:
@@ -472,23 +489,45 @@ def first_difference(old: Any, new: Any, path: str = "") -> Optional[str]:
     return None if old == new else (path or "(root)")
 
 
-def _checkpoints_relative_to(raw: dict, folder: Path) -> None:
-    """Make init.checkpoint paths (in init, variants and grid values) absolute, relative to the study file."""
+# The fields that hold file system paths; a relative one is made absolute by `_paths_relative_to`.
+PATH_FIELDS = ("task.data_dir", "init.checkpoint")
+
+
+def _paths_relative_to(raw: dict, folder: Path) -> None:
+    """Make relative PATH_FIELDS absolute against `folder`, wherever a study tree sets them.
+
+    That is in their sections, in variants, controls (control, confirm.control) and search axes
+    (grid/choice values). Absolute paths and unset ones (null) are left as they are.
+    """
     def absolute(value: Any) -> Any:
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             return str((folder / value).resolve())
+        if isinstance(value, str) and value:
+            return str(Path(value).expanduser())
         return value
 
-    if isinstance(raw.get("init"), dict) and "checkpoint" in raw["init"]:
-        raw["init"]["checkpoint"] = absolute(raw["init"]["checkpoint"])
+    def fix_assignments(assignments: Any) -> None:  # {"init.checkpoint": value, ...}
+        if isinstance(assignments, dict):
+            for field in PATH_FIELDS:
+                if field in assignments:
+                    assignments[field] = absolute(assignments[field])
+
+    for field in PATH_FIELDS:
+        section, key = field.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw[section][key] = absolute(raw[section][key])
     for variant in (raw.get("variants") or {}).values():
-        if isinstance(variant, dict) and "init.checkpoint" in variant:
-            variant["init.checkpoint"] = absolute(variant["init.checkpoint"])
-    axis = ((raw.get("search") or {}).get("space") or {}).get("init.checkpoint")
-    if isinstance(axis, dict):
-        for key in ("grid", "choice"):
-            if isinstance(axis.get(key), list):
-                axis[key] = [absolute(v) for v in axis[key]]
+        fix_assignments(variant)
+    fix_assignments(raw.get("control"))
+    if isinstance(raw.get("confirm"), dict):
+        fix_assignments(raw["confirm"].get("control"))
+    space = (raw.get("search") or {}).get("space") if isinstance(raw.get("search"), dict) else None
+    for field in PATH_FIELDS:
+        axis = space.get(field) if isinstance(space, dict) else None
+        if isinstance(axis, dict):
+            for key in ("grid", "choice"):
+                if isinstance(axis.get(key), list):
+                    axis[key] = [absolute(v) for v in axis[key]]
 
 
 def default_studies_dir() -> Path:

@@ -1,15 +1,19 @@
-"""Model registry: `build_model(name, input_shape, num_classes, **model_args)`.
+"""Models: the registry `MODELS` and `build_model(name, input_shape, num_classes, **model_args)`.
 
 A name is a built-in (below), `torchvision:<name>` (with `weights` in model_args for pretrained
-tensors), a name given to `dsdtune.register_model`, or a user's `module:function` (see
-`dsdtune.plugins`). Input shape and class count come from the dataset. Every model keeps its own
-initialization (PyTorch defaults, or He init where the original paper used it): that is the "base"
-init that sparse init schemes mask or replace, unless `init.checkpoint` loads trained weights
-(`load_init_checkpoint`). The first prunable layer is always the first one registered, so
+tensors), a name given to `register_model` (`dsdtune.register_model`), or a user's `module:function`
+(resolved by `dsdtune.registry`). Input shape and class count come from the dataset. Every model keeps
+its own initialization (PyTorch defaults, or He init where the original paper used it): that is the
+"base" init that sparse init schemes mask or replace, unless `init.checkpoint` loads trained weights
+(`dsdtune.sparsity.checkpoint`). The first prunable layer is always the first one registered, so
 `prunable_weights(exclude_first=True)` leaves the input layer dense.
+
+A new built-in model is a factory `f(input_shape, num_classes, **options) -> nn.Module` here and one
+entry in `BUILTIN_MODELS`.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SpecError
+from .registry import Registry
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -374,7 +379,7 @@ def vgg16(input_shape: Sequence[int], num_classes: int) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "lenet300_100": lenet300_100,
     "lenet5": lenet5,
@@ -437,10 +442,22 @@ def _torchvision_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
                         f"{os.path.basename(chosen.url)} into {cache}") from None
 
 
+MODELS = Registry("model", "task.model", BUILTIN_MODELS, shown=list(BUILTIN_MODELS) + [f"{TORCHVISION_PREFIX}<name>"],
+                  prefixes={TORCHVISION_PREFIX: lambda name: functools.partial(_torchvision_model, name)})
+
+
+def register_model(name: str, factory: Optional[Callable] = None):
+    """Make `factory(input_shape=..., num_classes=..., **model_args) -> nn.Module` usable as task.model: name.
+
+    Works as a call or a decorator (`@register_model("tiny")`). Registered models travel to Ray workers
+    with the study (functions defined in a notebook or script are shipped by value).
+    """
+    return MODELS.register(name, factory)
+
+
 def model_factory(name: str) -> Callable[..., nn.Module]:
-    """The factory a task.model name stands for: built-in, registered, or an import path."""
-    from . import plugins
-    return plugins.lookup(name, "model", MODELS, "task.model", list(MODELS) + [f"{TORCHVISION_PREFIX}<name>"])
+    """The factory a task.model name stands for: built-in, torchvision:<name>, registered, or an import path."""
+    return MODELS.lookup(name)
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **model_args: Any) -> nn.Module:
@@ -450,8 +467,6 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **model
     and unknown model_args raise ValueError (SpecError) naming the allowed values.
     """
     input_shape = tuple(int(s) for s in input_shape)
-    if name.startswith(TORCHVISION_PREFIX):
-        return _torchvision_model(name[len(TORCHVISION_PREFIX) :], input_shape, num_classes, **model_args)
     builder = model_factory(name)
     parameters = inspect.signature(builder).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
@@ -469,55 +484,3 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **model
     if not isinstance(model, nn.Module):
         raise SpecError(f"task.model: {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Starting from trained weights (init.checkpoint)
-
-
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a state_dict file into `model` (weights_only); a mismatch is one line naming the first bad key.
-
-    Accepts `torch.save(model.state_dict(), path)`, a {"state_dict": ...} wrapper, or a dsdtune pipeline
-    checkpoint (its "model" entry). Keys and shapes must match the model exactly.
-    """
-    field = "init.checkpoint"
-    if not os.path.isfile(path):
-        raise SpecError(f"{field}: {path} does not exist; give a path relative to the study file, or an absolute one")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SpecError(f"{field}: {path} cannot be read with torch.load(weights_only=True) "
-                        f"({type(err).__name__}); save it with torch.save(model.state_dict(), path)") from None
-    if isinstance(state, dict):
-        for wrapper in ("state_dict", "model"):
-            if isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-                break
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise SpecError(f"{field}: {path} is not a state_dict of tensors; save it with "
-                        f"torch.save(model.state_dict(), path)")
-    expected = model.state_dict()
-    for key, tensor in expected.items():
-        if key not in state:
-            raise SpecError(f"{field}: {path} has no {key!r}, which the model has (shape {list(tensor.shape)}); "
-                            f"was it saved from this task.model with these model_args?")
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise SpecError(f"{field}: {key!r} has shape {list(state[key].shape)} in {path} but "
-                            f"{list(tensor.shape)} in the model; check task.model_args and the dataset's classes")
-    extra = [k for k in state if k not in expected]
-    if extra:
-        raise SpecError(f"{field}: {path} holds {extra[0]!r}, which the model does not have "
-                        f"({len(extra)} such key(s)); was it saved from this task.model?")
-    model.load_state_dict(state)
-
-
-def load_init_checkpoint(model: nn.Module, init: Any) -> None:
-    """Apply `init.checkpoint` (if set) to a freshly built model; it replaces the model's own init."""
-    path = getattr(init, "checkpoint", None)
-    if not path:
-        return
-    if init.density != "dense" or init.weights != "base":
-        raise SpecError("init.checkpoint: starts from trained weights, so leave init.density: dense and "
-                        "init.weights: base; prune the trained model with an S phase (flow SD, SDSD)")
-    load_checkpoint(model, path)

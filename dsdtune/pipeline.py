@@ -27,12 +27,13 @@ import torch
 from .config import InitSpec, RunSpec, SpecError, parse_run_spec
 from .cost import ModelCost, TrialCost, measure_model, trial_cost
 from .data import Dataset, StreamingDataset, dataset_loader, load_dataset
-from .models import TORCHVISION_PREFIX, build_model, load_init_checkpoint, model_factory
+from .models import TORCHVISION_PREFIX, build_model, model_factory
 from .phases import (
     Phase, PhaseState, check_flow, check_phases, expand_phases, flow_snapshots, kind_of, resolve_exclude_first,
     steps_per_epoch,
 )
 from .seeding import generator as seeded_generator, seed_everything
+from .sparsity.checkpoint import load_init_checkpoint
 from .sparsity.masks import MaskApplier, Masks, measured_sparsity, prunable_weights
 from .training import (
     evaluate_batches, make_optimizer, scheduled_lr, select_device, set_hyperparameters, set_lr, train_batches,

@@ -22,7 +22,7 @@ import ray
 import torch
 from ray import tune
 
-from . import plugins
+from . import registry
 from .atomic import write_bytes
 from .config import build_run_spec
 from .cost import ModelCost, model_cost_key
@@ -107,7 +107,7 @@ def _worst(study: dict) -> float:
 
 def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> None:
     """Train one trial; `stop_after_prefix` trains only the shared prefix (an Optuna study's stage 'prefix')."""
-    plugins.install(study.get("plugins"))  # the driver's search folders and registered models/datasets
+    registry.install(study.get("registry"))  # the driver's search folders and registered models/datasets
     if "assign" in config:  # searched: Optuna's values; seeds by the Repeater's index
         assignments = config["assign"]
         seed = config.get("seed", study["seeds"][config.get("__trial_index__", 0)])

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from dsdtune.config import SpecError
-from dsdtune.pipeline import Pipeline, expand_phases, run_pipeline
+from dsdtune.phases import expand_phases
+from dsdtune.pipeline import Pipeline, run_pipeline
 from dsdtune.config import PipelineSpec
 from dsdtune.sparsity.masks import kept_count
 from dsdtune.training import set_lr

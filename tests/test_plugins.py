@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 import dsdtune
-from dsdtune import data, plugins
+from dsdtune import data, registry
 from dsdtune.config import SpecError, load_study
 from dsdtune.models import build_model
 from dsdtune.pipeline import Pipeline, run_pipeline
@@ -79,9 +79,9 @@ def user_modules(tmp_path, monkeypatch):
         names.append(name)
         return folder
 
-    monkeypatch.setattr(plugins, "_SEARCH_PATHS", [])
+    monkeypatch.setattr(registry, "_SEARCH_PATHS", [])
     saved_path = list(sys.path)
-    plugins.add_search_paths([folder])
+    registry.add_search_paths([folder])
     data.clear_cache()
     yield write
     for name in names:
@@ -117,7 +117,7 @@ def test_import_paths_resolve_through_the_registries(user_modules):
 
 
 def test_register_model_and_dataset_by_name(user_modules, monkeypatch):
-    monkeypatch.setattr(plugins, "_REGISTERED", {"model": {}, "dataset": {}})
+    monkeypatch.setattr(registry, "_REGISTERED", {})
 
     @dsdtune.register_model("two_layer")
     def two_layer(input_shape, num_classes, hidden=4):
@@ -144,7 +144,7 @@ def test_misspelt_module_or_factory_is_one_line_exit_2(tmp_path, capsys, monkeyp
     (study / "udata.py").write_text(DATA_SOURCE)
     (study / "s.yaml").write_text(yaml.safe_dump({"name": "s", "task": {"dataset": dataset, "model": model},
                                                   "pipeline": {"flow": "D", "epochs": 1}, "seeds": 1}))
-    monkeypatch.setattr(plugins, "_SEARCH_PATHS", [])
+    monkeypatch.setattr(registry, "_SEARCH_PATHS", [])
     monkeypatch.setattr(sys, "path", list(sys.path))
     results = tmp_path / "results"
     assert main([str(study / "s.yaml"), "--results", str(results)]) == 2
@@ -167,7 +167,7 @@ def test_a_model_that_does_not_fit_the_data_is_one_line(tmp_path, capsys, monkey
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "task": {"dataset": "udata:blobs",
                                                                           "model": "umodel:net"},
                                                      "pipeline": {"flow": "D", "epochs": 1}, "seeds": 1}))
-    monkeypatch.setattr(plugins, "_SEARCH_PATHS", [])
+    monkeypatch.setattr(registry, "_SEARCH_PATHS", [])
     monkeypatch.setattr(sys, "path", list(sys.path))
     assert main([str(tmp_path / "s.yaml"), "--results", str(tmp_path / "results")]) == 2
     err = capsys.readouterr().err.strip()
@@ -292,11 +292,14 @@ def test_runtime_env_ships_only_the_users_modules(user_modules):
     folder = user_modules("umodel", MODEL_SOURCE)
     user_modules("udata", DATA_SOURCE)
     names = ["umodel:tiny_net", "udata:blobs", "mlp", "torchvision:resnet18"]
-    assert plugins.runtime_env(names, remote=True) == {
+    assert registry.runtime_env(names, remote=True) == {
         "py_modules": [str(folder / "udata.py"), str(folder / "umodel.py")]}
-    local = plugins.runtime_env(names, remote=False)["env_vars"]["PYTHONPATH"].split(os.pathsep)
-    assert local[0] == str(folder)
-    assert plugins.runtime_env(["mlp", "synthetic"], remote=True) is None
+    # A local instance's workers take the folders from the study's payload and append them to sys.path
+    # (never PYTHONPATH, which would put them in front of the installed packages).
+    assert registry.runtime_env(names, remote=False) is None
+    assert registry.worker_payload()["search_paths"] == [str(folder)]
+    assert sys.path.index(str(folder)) > max(sys.path.index(p) for p in sys.path if p.endswith("site-packages"))
+    assert registry.runtime_env(["mlp", "synthetic"], remote=True) is None
 
 
 def _run_study(args, cwd, timeout=400):
@@ -307,12 +310,37 @@ def _run_study(args, cwd, timeout=400):
     return proc
 
 
+SHADOW = "raise ImportError('a study folder shadowed the installed {0}')\n"
+
+
+def shadowing_project(folder):
+    """A study folder whose yaml.py and numpy.py would break dsdtune and Ray if they shadowed the packages;
+    its udata.py imports a neighbour module."""
+    folder.mkdir()
+    for name in ("yaml", "numpy"):
+        (folder / f"{name}.py").write_text(SHADOW.format(name))
+    (folder / "uneighbour.py").write_text("NUM_CLASSES = 3\n")
+    (folder / "udata.py").write_text("import uneighbour  # found beside this file\n" + DATA_SOURCE)
+    return folder
+
+
+def test_a_study_folder_shadows_no_installed_package_dry_run(tmp_path):
+    study = shadowing_project(tmp_path / "project")
+    (study / "umodel.py").write_text(MODEL_SOURCE)
+    (study / "s.yaml").write_text(yaml.safe_dump({"name": "s", "task": {"dataset": "udata:blobs",
+                                                                       "model": "umodel:tiny_net"},
+                                                  "pipeline": {"flow": "D", "epochs": 1}, "seeds": 1}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = _run_study([str(study / "s.yaml"), "--dry-run"], cwd=elsewhere)
+    assert "task umodel:tiny_net on udata:blobs (216 training samples of shape [6], 3 classes, streamed)" in proc.stdout
+
+
 def test_user_modules_run_on_real_ray(tmp_path):
-    """A model in the cwd and a streamed Dataset next to the study file, imported by every Ray worker."""
+    """A model in the cwd and a streamed Dataset next to the study file, imported by every Ray worker; the
+    study folder's yaml.py and numpy.py shadow nothing, its modules still import their neighbours."""
     (tmp_path / "umodel.py").write_text(MODEL_SOURCE)
-    study = tmp_path / "project"
-    study.mkdir()
-    (study / "udata.py").write_text(DATA_SOURCE)
+    study = shadowing_project(tmp_path / "project")
     (study / "s.yaml").write_text(yaml.safe_dump({
         "name": "user_modules", "task": {"dataset": "udata:blobs", "model": "umodel:tiny_net", "batch_size": 40,
                                          "loader_workers": 1, "device": "cpu"},

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats as sps
 
 from dsdtune import stats
-from dsdtune.report import StudyError, main, write_report
+from dsdtune.report import ReportError, main, write_report
 
 SEEDS = [0, 1, 2, 3, 4, 5]
 LABELS = ["D1", "S1", "D2"]
@@ -265,6 +265,10 @@ def test_files_written_pngs_and_report_text(tmp_path):
         if key.startswith("fig_"):
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+    # every file the report writes is one `--fresh` knows to remove (and nothing else is)
+    from dsdtune.results import result_files
+    (out / "notes.md").write_text("mine")
+    assert set(result_files(out)) == set(paths.values())
     report = paths["report"].read_text()
     assert "did not beat the direct fine-tune control" in report or \
            "was not significantly better than the direct fine-tune control" in report
@@ -326,7 +330,7 @@ def test_control_option_and_no_control(tmp_path):
     cc = pd.read_csv(paths["comparisons"]).query("family == 'vs_control'")
     # The reference is the best arm on validation (sparsity 0.5 carries the planted effect).
     assert set(cc["reference"]) == {"pipeline.sparsity=0.5"} and len(cc) == 3
-    with pytest.raises(StudyError, match="not a factor"):
+    with pytest.raises(ReportError, match="not a factor"):
         write_report(tmp_path, control="lr=0.1", figures=False)
 
 
@@ -506,7 +510,7 @@ def test_optuna_report_shows_confirm_seeds_and_counts_stopped(tmp_path):
 
 
 def test_learning_curves_shade_each_flow_its_own_phases(tmp_path):
-    from dsdtune.report import analyze, load_study
+    from dsdtune.report import analyze, load_for_report
     from dsdtune.report.figures import plot_curves
     _study_json(tmp_path, factors=["variant", "pipeline.sparsity"], flow="DSD, DSDSD",
                 phase_labels=["D1", "S1", "D2", "S2", "D3"], shared_prefix=False)
@@ -524,7 +528,7 @@ def test_learning_curves_shade_each_flow_its_own_phases(tmp_path):
                 tid += 1
     pd.DataFrame(rows).to_csv(tmp_path / "trials.csv", index=False)
     pd.DataFrame(hist).to_csv(tmp_path / "history.csv", index=False)
-    fig = plot_curves(analyze(load_study(tmp_path), costs=False))
+    fig = plot_curves(analyze(load_for_report(tmp_path), costs=False))
     top = [ax for ax in fig.axes if ax.get_title()]
     assert sorted(ax.get_title() for ax in top) == ["phases D1 → S1 → D2", "phases D1 → S1 → D2 → S2 → D3"]
     for ax in top:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset as TorchDataset
 
-from dsdtune import data, plugins
+from dsdtune import data
 from dsdtune.config import SpecError
 from dsdtune.pipeline import Pipeline, run_pipeline
 from interrupted import run_interrupted
@@ -59,7 +59,7 @@ class Indexed(TorchDataset):
 
 def test_a_users_dataset_is_split_and_ordered_like_tensors():
     n = 100
-    plugins.register_dataset("indexed", lambda data_dir: {"train": Indexed(n), "test": Indexed(10), "num_classes": 2})
+    data.register_dataset("indexed", lambda data_dir: {"train": Indexed(n), "test": Indexed(10), "num_classes": 2})
     try:
         streamed = data.load_dataset("indexed", val_fraction=0.2, loader_workers=0)
         train_rows, val_rows = data.val_split(n, 0.2)
@@ -70,7 +70,7 @@ def test_a_users_dataset_is_split_and_ordered_like_tensors():
         val = torch.cat([x for x, _ in streamed.eval_batches("val", 7)]).squeeze(1).long()
         assert val.tolist() == val_rows.tolist()
     finally:
-        plugins.registered("dataset").pop("indexed")
+        data.DATASETS.unregister("indexed")
 
 
 TASK = {"dataset": "synthetic", "dataset_args": IMAGES, "model": "mlp", "model_args": {"widths": [32]},
@@ -108,12 +108,12 @@ class NoisyBlobs(TorchDataset):
 
 @pytest.fixture
 def noisy_blobs():
-    plugins.register_dataset("noisy_blobs", lambda data_dir: {"train": NoisyBlobs(200, 1), "test": NoisyBlobs(50, 2),
+    data.register_dataset("noisy_blobs", lambda data_dir: {"train": NoisyBlobs(200, 1), "test": NoisyBlobs(50, 2),
                                                               "num_classes": 3})
     yield {"dataset": "noisy_blobs", "dataset_args": {}, "model": "mlp", "model_args": {"widths": [16],
                                                                                         "dropout": 0.2},
            "augment": False}
-    plugins.registered("dataset").pop("noisy_blobs")
+    data.DATASETS.unregister("noisy_blobs")
 
 
 @pytest.mark.parametrize("stop_epoch", [1, 3])  # mid-D1 and at the S1 -> D2 boundary
@@ -144,16 +144,16 @@ def test_sparse_inits_that_score_a_batch_refuse_streamed_data(noisy_blobs):
 
 
 def test_a_loader_returning_something_else_is_one_line():
-    plugins.register_dataset("broken", lambda data_dir: {"train": [1, 2], "num_classes": 2})
-    plugins.register_dataset("listy", lambda data_dir: [1, 2, 3])
+    data.register_dataset("broken", lambda data_dir: {"train": [1, 2], "num_classes": 2})
+    data.register_dataset("listy", lambda data_dir: [1, 2, 3])
     try:
         with pytest.raises(SpecError, match="returned no 'test'"):
             data.load_dataset("broken")
         with pytest.raises(SpecError, match="returned list; a loader returns a mapping"):
             data.load_dataset("listy")
     finally:
-        plugins.registered("dataset").pop("broken")
-        plugins.registered("dataset").pop("listy")
+        data.DATASETS.unregister("broken")
+        data.DATASETS.unregister("listy")
 
 
 def write_pngs(root, per_class):

@@ -54,6 +54,11 @@ CASES = [
     ({}, ["task.batch_size=0"], ["task.batch_size", "greater than 0"]),
     ({}, ["search.algorithm=random", "search.num_samples=3"], ["search.num_samples", "sampled axis"]),
     ({}, ["scheduler.kind=asha"], ["scheduler.kind", "optuna"]),
+    # the name is a folder under --results: never the results root itself, its parent or a hidden one
+    ({"name": ".."}, [], ["name", "'..' is not a plain folder name"]),
+    ({}, ["name=."], ["name", "plain folder name"]),
+    ({"name": ".hidden"}, [], ["name", "plain folder name"]),
+    ({}, ["name=a/b"], ["name", "plain folder name"]),
 ]
 
 OPTUNA = Path(__file__).parent / "studies" / "tiny_optuna.yaml"

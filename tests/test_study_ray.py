@@ -31,9 +31,21 @@ def reference_metrics(study_path, overrides, arm_assign, seed):
 
 def test_study_runs_shares_prefixes_and_records_divergence(ray_local, tmp_path):
     overrides = ['variants={stable: {}, diverging: {pipeline.lr: [0.05, 1000.0, 0.0005]}}']
-    args = [str(TINY), "--results", str(tmp_path), "--no-report"] + sum((["--set", o] for o in overrides), [])
-    assert main(args) == 0
+    sets = sum((["--set", o] for o in overrides), [])
+    args = [str(TINY), "--results", str(tmp_path), "--no-report", "--fresh", *sets]
     out = tmp_path / "tiny"
+    # A previous run's files in the folder dsdtune made for it, and a file of the user's
+    from dsdtune.study.state import claim_folders
+    claim_folders(out, out / "ray", "tiny")
+    stale = ["report.md", "summary.csv", "comparisons.csv", "costs.csv", "fig_metric_by_arm.png",
+             "masks/0123a_00007.npz", "ray/sweep/trial_0123a_00007/result.json"]
+    for name in stale + ["notes.md"]:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("previous run")
+    assert main(args) == 0
+    # --fresh --no-report: no report of the previous run beside the new results; the user's file stays
+    assert not [name for name in stale if (out / name).exists()]
+    assert not list(out.glob("fig_*")) and (out / "notes.md").read_text() == "previous run"
     trials = pd.read_csv(out / "trials.csv")
     sweep = trials[trials.stage == "sweep"]
     assert len(trials) == len(sweep) == 8  # 2 variants x 2 sparsities x 2 seeds, no separate prefix trials

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+import dsdtune
 from drivers import start_study, wait_for
 from dsdtune.config import SpecError, build_run_spec, first_difference, load_study
 from dsdtune.pipeline import run_pipeline
@@ -103,6 +104,12 @@ def test_lock_loopback_ctrl_c_and_resume_of_the_same_study(tmp_path):
     assert "continue with: python -m dsdtune.study" in text and "--resume" in text
     partial = pd.read_csv(out / "trials.csv")
     assert len(partial) == 6 and "interrupted" in set(partial.status) and "stopped" not in set(partial.status)
+    # The partial results load: every trial has its own id, a never-started one `not-started-<n>`.
+    loaded = dsdtune.load_results(out)
+    assert loaded.trials.trial_id.is_unique and partial.trial_id.notna().all() and loaded.meta["interrupted"]
+    unstarted = loaded.trials[loaded.trials.trial_id.str.startswith("not-started-")]
+    assert (unstarted.status == "interrupted").all() and (unstarted.epochs_trained == 0).all()
+    assert set(loaded.history.trial_id) <= set(loaded.trials.trial_id) and loaded.history.status.notna().all()
     assert not (out / ".dsdtune" / "lock").exists()
 
     # A resume with a changed spec is refused, naming the field.

@@ -3,20 +3,24 @@
     python -m dsdtune.report results/<study> [--metric final_test_acc] [--control "pipeline.sparsity=0"]
                              [--margin 0.005] [--out DIR]
 
-or `write_report(study_dir)` from the study runner. Reads the files a study writes (study.json,
-trials.csv; optionally history.csv, layers.csv, weights.csv) and writes summary.csv,
-comparisons.csv, costs.csv, report.md and PNG figures. Every statistic (mean, SD, CI, tests, effect
-sizes, corrections, power) comes from `dsdtune.stats` and every FLOP count from `dsdtune.cost`; this
-package only selects, pairs and renders.
+or `write_report(results_dir)` from the study runner, or `analyze(load_for_report(results_dir))` for
+the numbers alone. Reads the files a study writes (study.json, trials.csv; optionally history.csv,
+layers.csv, weights.csv) through `dsdtune.load_results`, the one reader of result files, and writes
+summary.csv, comparisons.csv, costs.csv, report.md and PNG figures. Every statistic (mean, SD, CI,
+tests, effect sizes, corrections, power) comes from `dsdtune.stats` and every FLOP count from
+`dsdtune.cost`; this package only selects, pairs and renders.
 
-Modules: `load` (the files), `arms` (trials -> arms, metrics), `compare` (control matching, tests,
-the analysis), `costs` (per-trial parameters and FLOPs), `text` (numbers and sentences), `figures`,
-`markdown` (report.md), `output` (write_report), `cli`.
+Modules: `types` (the data classes every other module shares: ReportInput, ArmTrials, MetricInfo,
+Reference, CostTable, RankResult, Analysis), `load` (the results as the report reads them, the
+study's spec), `arms` (trials -> arms, metrics), `compare` (control matching, tests, the analysis),
+`costs` (per-trial parameters and FLOPs), `ranks` (methods ranked across tasks), `text` (numbers and
+sentences), `figures`, `markdown` (report.md), `output` (write_report), `cli`.
 
 Rules (report.md states them too):
 - Only trials with status "ok" and a finite metric value enter means and tests. Diverged and
-  failed trials are counted in the n columns, never silently dropped. Any status other than "ok" or
-  "diverged" counts as "error".
+  failed trials are counted in the n columns, never silently dropped. Any status other than "ok",
+  "diverged" or "stopped" (ended early by a scheduler) counts as "error" (an interrupted study's
+  unfinished trials among them). Prefix-stage rows (shared starting points) are not trials of an arm.
 - An arm is one combination of the factor columns (study.json "factors"); repeats differ in seed.
 - Control matching: the control arms are those whose factors equal the control values. Each other
   arm is compared with the control arm that agrees with it on every remaining factor that varies
@@ -31,7 +35,9 @@ Rules (report.md states them too):
 """
 from .cli import main
 from .compare import analyze, parse_control
-from .load import StudyError, load_study
+from .load import load_for_report
 from .output import write_report
+from .types import Analysis, ArmTrials, ReportError, ReportInput
 
-__all__ = ["StudyError", "write_report", "load_study", "analyze", "parse_control", "main"]
+__all__ = ["ReportError", "write_report", "load_for_report", "analyze", "parse_control", "main", "Analysis",
+           "ArmTrials", "ReportInput"]

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .load import Study, StudyError
+from .types import ArmTrials, MetricInfo, ReportError, ReportInput
 
 
 # ------------------------------------------------------------------------------ arms & values
@@ -60,33 +58,7 @@ def sort_key(v: Any) -> tuple:
     return (0, x, "") if x is not None else (1, 0.0, str(v))
 
 
-@dataclass
-class Arm:
-    """One factor combination within one stage; rows are all its trials, whatever their status."""
-
-    key: str
-    label: str
-    factors: dict[str, Any]
-    rows: pd.DataFrame
-
-    def ok_rows(self, metric: str) -> pd.DataFrame:
-        """Trials with status ok and a finite metric value."""
-        vals = pd.to_numeric(self.rows[metric], errors="coerce") if metric in self.rows else None
-        if vals is None:
-            return self.rows.iloc[0:0]
-        keep = (self.rows["status"] == "ok") & np.isfinite(vals.to_numpy(dtype=float))
-        out = self.rows[keep].copy()
-        out[metric] = vals[keep].astype(float)
-        return out
-
-    def values(self, metric: str) -> np.ndarray:
-        return self.ok_rows(metric)[metric].to_numpy(dtype=float) if metric in self.rows else np.array([])
-
-    def count(self, status: str) -> int:
-        return int((self.rows["status"] == status).sum())
-
-
-def group_arms(df: pd.DataFrame, factors: list[str]) -> list[Arm]:
+def group_arms(df: pd.DataFrame, factors: list[str]) -> list[ArmTrials]:
     """Group trials into arms by their factor values (by the arm label when there are no factors)."""
     if df.empty:
         return []
@@ -99,44 +71,12 @@ def group_arms(df: pd.DataFrame, factors: list[str]) -> list[Arm]:
         label = first.get("arm") if "arm" in rows.columns else None
         if is_missing(label) or not str(label).strip():
             label = ", ".join(f"{f}={fmt_level(v)}" for f, v in levels.items()) or "all trials"
-        arms.append(Arm(str(key), str(label), levels, rows))
+        arms.append(ArmTrials(str(key), str(label), levels, rows))
     arms.sort(key=lambda a: tuple(sort_key(a.factors[f]) for f in factors) + (a.label,))
     return arms
 
 
 # ------------------------------------------------------------------------------------ metrics
-
-
-@dataclass
-class MetricInfo:
-    """How to read and show a metric."""
-
-    name: str
-    higher_is_better: bool
-    is_acc: bool
-
-    @property
-    def scale(self) -> float:
-        return 100.0 if self.is_acc else 1.0
-
-    @property
-    def unit(self) -> str:
-        return "%" if self.is_acc else ""
-
-    @property
-    def diff_unit(self) -> str:
-        return " pp" if self.is_acc else ""
-
-    def describe_name(self) -> str:
-        """Plain words for the usual column names (final_test_acc -> test accuracy at the end)."""
-        m = re.fullmatch(r"final_(val|test)_(acc|loss)", self.name)
-        if m:
-            return (f"{'validation' if m[1] == 'val' else 'test'} "
-                    f"{'accuracy' if m[2] == 'acc' else 'loss'} at the end")
-        m = re.fullmatch(r"(val_)?acc_after_(.+)", self.name)
-        if m:
-            return f"{'validation' if m[1] else 'test'} accuracy after {m[2]}"
-        return self.name
 
 
 def metric_info(name: str, meta: dict) -> MetricInfo:
@@ -152,22 +92,22 @@ def _numeric_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
 
 
-def resolve_metric(study: Study, metric: str | None) -> str:
+def resolve_metric(study: ReportInput, metric: str | None) -> str:
     cols = study.trials.columns
     if metric is None:
         test = str(study.meta.get("test_metric") or "test_acc")
         for cand in (f"final_{test}", test, "final_test_acc"):
             if cand in cols:
                 return cand
-        raise StudyError("trials.csv has no final_test_acc column; choose one with --metric "
+        raise ReportError("trials.csv has no final_test_acc column; choose one with --metric "
                          f"(numeric columns: {', '.join(_numeric_columns(study.trials)) or 'none'})")
     if metric not in cols:
-        raise StudyError(f"metric {metric!r} is not a column of trials.csv; numeric columns: "
+        raise ReportError(f"metric {metric!r} is not a column of trials.csv; numeric columns: "
                          f"{', '.join(_numeric_columns(study.trials)) or 'none'}")
     return metric
 
 
-def val_metric(study: Study) -> str | None:
+def val_metric(study: ReportInput) -> str | None:
     """The searched (validation) metric's column, used for selection; never a test column."""
     m = str(study.meta.get("metric") or "val_acc")
     for cand in (f"final_{m}", m, "final_val_acc"):
@@ -181,13 +121,13 @@ _OLD_KINDS = {"D": {"dense": True, "sparse": False}, "S": {"dense": False, "spar
               "G": {"dense": False, "sparse": True}}
 
 
-def phase_kind(study: Study, letter: str) -> dict:
+def phase_kind(study: ReportInput, letter: str) -> dict:
     """A phase kind's attributes as the run recorded them (study.json "phase_kinds")."""
     kinds = study.meta.get("phase_kinds") or _OLD_KINDS
     return kinds.get(letter) or {"dense": False, "sparse": False}
 
 
-def baseline_column(study: Study, metric: str) -> str | None:
+def baseline_column(study: ReportInput, metric: str) -> str | None:
     """Per-trial baseline (end of a leading dense phase) in the same kind as the metric, if any."""
     if not study.phase_labels or len(study.phase_labels) < 2:
         return None

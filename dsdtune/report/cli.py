@@ -5,14 +5,14 @@ import argparse
 import sys
 from typing import Sequence
 
-from .load import StudyError
+from .types import ReportError
 from .output import write_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsdtune.report",
                                      description="Tables, significance tests, plots and report.md for a study.")
-    parser.add_argument("study_dir", help="results/<study> directory written by dsdtune.study")
+    parser.add_argument("results_dir", help="results/<study> folder written by dsdtune.study")
     parser.add_argument("--metric", default=None, help="trials.csv column to analyze (default: final_test_acc)")
     parser.add_argument("--control", default=None,
                         help="control arm as factor=value[,factor=value] (default: study.json control)")
@@ -20,12 +20,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="equivalence margin in metric units, e.g. 0.005 = 0.5 pp of accuracy (default: the "
                              "study's report.margin; none: no equivalence claims)")
     parser.add_argument("--no-costs", action="store_true", help="skip parameter and FLOP counts")
-    parser.add_argument("--out", default=None, help="output directory (default: the study directory)")
+    parser.add_argument("--out", default=None, help="output directory (default: the results folder)")
     args = parser.parse_args(argv)
     try:
-        written = write_report(args.study_dir, args.metric, args.control, args.out, margin=args.margin,
+        written = write_report(args.results_dir, args.metric, args.control, args.out, margin=args.margin,
                                costs=not args.no_costs)
-    except StudyError as exc:
+    except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for name, path in written.items():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,12 +9,14 @@ import pandas as pd
 
 from dsdtune import stats
 
-from .arms import (Arm, MetricInfo, as_number, baseline_column, canon, fmt_level, group_arms, metric_info, phase_kind,
+from .arms import (as_number, baseline_column, canon, fmt_level, group_arms, metric_info, phase_kind,
                    resolve_metric, same, val_metric)
-from .costs import COST_COLUMNS, CostTable, trial_costs
-from .load import SpecSource, Study, StudyError, study_spec
-from .ranks import RankResult, rank_summary
+from .costs import trial_costs
+from .load import study_spec
+from .ranks import rank_summary
 from .text import ALPHA, BOOTSTRAP_SEED, POWER, comparison_sentence, nan_if_none, subject_of
+from .types import (Analysis, ArmTrials, CostTable, MetricInfo, Reference, ReportError, ReportInput, SpecSource,
+                    arm_cost)
 
 
 # ------------------------------------------------------------------------------------ control
@@ -33,7 +34,7 @@ def parse_control(spec: str | dict | None) -> dict[str, Any] | None:
         if not part:
             continue
         if "=" not in part:
-            raise StudyError(f"--control {spec!r}: expected factor=value[,factor=value], e.g. "
+            raise ReportError(f"--control {spec!r}: expected factor=value[,factor=value], e.g. "
                              "'pipeline.sparsity=0'")
         k, v = part.split("=", 1)
         v = v.strip()
@@ -42,28 +43,15 @@ def parse_control(spec: str | dict | None) -> dict[str, Any] | None:
     return out or None
 
 
-@dataclass
-class Reference:
-    """Who each arm is compared with, and how that was decided (for the report)."""
-
-    kind: str  # "control" | "best_on_validation" | "none"
-    name: str  # how sentences call it, e.g. "the direct fine-tune control"
-    spec: dict[str, Any] | None
-    description: str
-    match_on: list[str]
-    matched: dict[str, Arm | None]  # arm key -> reference arm (None: no match)
-    reference_keys: set[str]
-
-
-def resolve_reference(study: Study, arms: list[Arm], control: dict | None) -> Reference:
+def resolve_reference(study: ReportInput, arms: list[ArmTrials], control: dict | None) -> Reference:
     if control:
         allowed = set(study.factors) | {"arm"}
         bad = [k for k in control if k not in allowed]
         if bad:
-            raise StudyError(f"control factor {bad[0]!r} is not a factor of this study; factors: "
+            raise ReportError(f"control factor {bad[0]!r} is not a factor of this study; factors: "
                              f"{', '.join(study.factors) or 'none'}")
 
-        def is_control(a: Arm) -> bool:
+        def is_control(a: ArmTrials) -> bool:
             return all(same(a.label if k == "arm" else a.factors.get(k), v) for k, v in control.items())
 
         ctrl = [a for a in arms if is_control(a)]
@@ -119,7 +107,7 @@ def _pooled_sd(sa: stats.Summary, sb: stats.Summary) -> float | None:
     return math.sqrt(((sa.n - 1) * sa.sd**2 + (sb.n - 1) * sb.sd**2) / nu)
 
 
-def compare_arms(a: Arm, b: Arm | None, metric: str, want_paired: bool, info: MetricInfo,
+def compare_arms(a: ArmTrials, b: ArmTrials | None, metric: str, want_paired: bool, info: MetricInfo,
                  b_metric: str | None = None, margin: float | None = None) -> dict[str, Any]:
     """One comparison of arm a with reference b (or with another column of a's own trials).
 
@@ -246,46 +234,7 @@ def adjust_family(rows: list[dict[str, Any]]) -> int:
 # ------------------------------------------------------------------------------------ analysis
 
 
-@dataclass
-class Analysis:
-    """Everything the report needs, computed once."""
-
-    study: Study
-    info: MetricInfo
-    arms: list[Arm]  # analysis arms (confirm arms for a search study)
-    sweep_arms: list[Arm]  # search arms (search studies only)
-    search_mode: bool
-    best_sweep: Arm | None
-    val_metric: str | None
-    reference: Reference
-    baseline_col: str | None
-    phase_metrics: list[str]
-    summary: pd.DataFrame
-    comparisons: pd.DataFrame
-    control_m: int
-    baseline_m: int
-    margin: float | None = None
-    margin_source: str = ""
-    spec_source: SpecSource | None = None
-    costs: CostTable | None = None
-    ranks: RankResult | None = None
-
-    def arm_cost(self, arm: Arm) -> dict[str, float]:
-        """Mean cost over the arm's ok trials (NaN when costs are unknown)."""
-        return arm_cost(self.costs, arm, self.info.name)
-
-
-def arm_cost(costs: CostTable | None, arm: Arm, metric: str) -> dict[str, float]:
-    ids = arm.ok_rows(metric)["trial_id"] if metric in arm.rows else arm.rows.iloc[0:0]["trial_id"]
-    sub = costs.for_trials(ids) if costs is not None else None
-    if sub is None or sub.empty:
-        return {c: math.nan for c in COST_COLUMNS}
-    out = {c: float(pd.to_numeric(sub[c]).mean()) for c in COST_COLUMNS if c != "cost_exact"}
-    out["cost_exact"] = bool(sub["cost_exact"].all())
-    return out
-
-
-def summary_rows(arms: list[Arm], stage: str, metrics: list[str], factors: list[str],
+def summary_rows(arms: list[ArmTrials], stage: str, metrics: list[str], factors: list[str],
                  costs: CostTable | None = None) -> list[dict]:
     rows = []
     for a in arms:
@@ -309,7 +258,7 @@ def summary_rows(arms: list[Arm], stage: str, metrics: list[str], factors: list[
     return rows
 
 
-def resolve_margin(study: Study, source: SpecSource, margin: float | None) -> tuple[float | None, str]:
+def resolve_margin(study: ReportInput, source: SpecSource, margin: float | None) -> tuple[float | None, str]:
     """The equivalence margin and where it came from: the argument, study.json, or the spec."""
     where = "the --margin option"
     if margin is None:
@@ -322,12 +271,12 @@ def resolve_margin(study: Study, source: SpecSource, margin: float | None) -> tu
         return None, ""
     value = as_number(margin)
     if value is None or not math.isfinite(value) or value <= 0:
-        raise StudyError(f"margin {margin!r}: give the equivalence margin in metric units as a number > 0, "
+        raise ReportError(f"margin {margin!r}: give the equivalence margin in metric units as a number > 0, "
                          "e.g. --margin 0.005 for 0.5 pp of accuracy")
     return value, where
 
 
-def analyze(study: Study, metric: str | None = None, control: str | dict | None = None,
+def analyze(study: ReportInput, metric: str | None = None, control: str | dict | None = None,
             margin: float | None = None, costs: bool = True) -> Analysis:
     """Arms, per-arm summaries, both comparison families, costs and the rank summary over tasks."""
     metric = resolve_metric(study, metric)
@@ -339,7 +288,7 @@ def analyze(study: Study, metric: str | None = None, control: str | dict | None 
     has_confirm = bool((t["stage"] == "confirm").any())
     search_mode = str(study.meta.get("search_alg", "")).lower() == "optuna" or has_confirm
     val = val_metric(study)
-    sweep_arms: list[Arm] = []
+    sweep_arms: list[ArmTrials] = []
     best = None
     if search_mode:
         sweep_arms = group_arms(t[t["stage"] != "confirm"], study.factors)
@@ -368,7 +317,7 @@ def analyze(study: Study, metric: str | None = None, control: str | dict | None 
     paired = bool(study.meta.get("shared_prefix"))
     ref_kind = {"control": "control", "best_on_validation": "best arm on validation"}.get(reference.kind, "")
     ctrl_rows: list[dict[str, Any]] = []
-    ctrl_arms: list[Arm] = []  # aligned with ctrl_rows (labels need not be unique)
+    ctrl_arms: list[ArmTrials] = []  # aligned with ctrl_rows (labels need not be unique)
     for a in arms:
         if a.key in reference.reference_keys or a.key not in reference.matched:
             continue

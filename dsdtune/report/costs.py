@@ -8,32 +8,14 @@ no model and loads no data. Results written before trials recorded their costs h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
+from .types import COST_COLUMNS, CostTable, ReportInput
 
-from .load import Study
-
-RECORDED = ["params", "params_final", "inference_flops", "inference_flops_dense", "training_flops",
-            "training_flops_dense"]
-COST_COLUMNS = RECORDED + ["cost_exact"]
+RECORDED = [c for c in COST_COLUMNS if c != "cost_exact"]
 
 
-@dataclass
-class CostTable:
-    """trial_id + COST_COLUMNS + cost_note per trial (None when the trials recorded no costs)."""
-
-    trials: pd.DataFrame | None
-    description: str  # how they were computed, or why there are none (a sentence for report.md)
-
-    def for_trials(self, trial_ids) -> pd.DataFrame:
-        if self.trials is None:
-            return pd.DataFrame(columns=["trial_id", *COST_COLUMNS])
-        return self.trials[self.trials["trial_id"].isin(list(trial_ids))]
-
-
-def trial_costs(study: Study, source: Any = None) -> CostTable:
+def trial_costs(study: ReportInput, source: Any = None) -> CostTable:
     """Every trial's recorded cost, or a table of None with the reason."""
     trials = study.trials
     missing = [c for c in RECORDED if c not in trials.columns]

@@ -9,8 +9,8 @@ from matplotlib.figure import Figure
 
 from dsdtune import stats
 
-from .arms import Arm, MetricInfo, as_number, canon, fmt_level, metric_info
-from .compare import Analysis
+from .arms import as_number, canon, fmt_level, metric_info
+from .types import Analysis, ArmTrials, MetricInfo
 
 MAX_CURVES = 10  # more lines than this make a learning-curve plot unreadable
 MAX_HIST_ARMS = 4
@@ -23,7 +23,7 @@ def _ylabel(metric: str, info: MetricInfo) -> str:
     return f"{info.describe_name()} ({info.unit})" if info.unit else info.describe_name()
 
 
-def describe_arm(arm: Arm, metric: str) -> stats.Summary:
+def describe_arm(arm: ArmTrials, metric: str) -> stats.Summary:
     return stats.describe(arm.values(metric))
 
 
@@ -37,7 +37,7 @@ def plot_factor(an: Analysis) -> tuple[str, Figure] | None:
         return None
     x_f = next((f for f in numeric if f.endswith("sparsity")), numeric[0])
     others = [f for f in study.factors if f != x_f and len({canon(a.factors[f]) for a in arms}) > 1]
-    strata: dict[str, list[Arm]] = {}
+    strata: dict[str, list[ArmTrials]] = {}
     for a in arms:
         strata.setdefault(", ".join(f"{f}={fmt_level(a.factors[f])}" for f in others), []).append(a)
     fig = Figure(figsize=(9, 5.6 + 0.2 * len(strata)), dpi=100, layout="constrained")
@@ -174,7 +174,7 @@ def plot_curves(an: Analysis) -> Figure | None:
     panels = [c for c in ("val_acc", "test_acc", "sparsity") if c in hist.columns]
     if not panels:
         return None
-    groups: dict[tuple, list[tuple[int, Arm, pd.DataFrame]]] = {}
+    groups: dict[tuple, list[tuple[int, ArmTrials, pd.DataFrame]]] = {}
     for i, a in enumerate(arms):
         ids = a.rows.loc[a.rows["status"] == "ok", "trial_id"]
         h = hist[hist["trial_id"].isin(ids)]
@@ -269,7 +269,7 @@ def plot_cost(an: Analysis) -> Figure | None:
     return fig
 
 
-def _trial_arm(arms: list[Arm]) -> dict[Any, Arm]:
+def _trial_arm(arms: list[ArmTrials]) -> dict[Any, ArmTrials]:
     return {tid: a for a in arms for tid in a.rows["trial_id"]}
 
 

@@ -8,12 +8,11 @@ import pandas as pd
 
 from dsdtune import stats
 
-from .arms import Arm, MetricInfo, canon, fmt_level, metric_info, same, sort_key
-from .compare import Analysis
+from .arms import canon, fmt_level, metric_info, same, sort_key
 from .figures import describe_arm
-from .load import STATUSES
 from .text import (BOOTSTRAP_SEED, fmt_d, fmt_flops, fmt_n, fmt_p, fmt_v, margin_text, md_table, nan_if_none,
                    test_name)
+from .types import STATUSES, Analysis, ArmTrials, MetricInfo
 
 RANK_FLAGS = {"rank_test_cannot_reach_alpha": "rank test cannot reach p < 0.05 at this n",
               "insufficient_n": "rank test: n too small", "no_variance": "rank test: all tied"}
@@ -116,7 +115,7 @@ def _count_text(t: pd.DataFrame, stage: str) -> str:
             f"{counts['diverged']} diverged, {counts['error']} error")
 
 
-def _summary_table(an: Analysis, arms: list[Arm], metric: str) -> str:
+def _summary_table(an: Analysis, arms: list[ArmTrials], metric: str) -> str:
     minfo = metric_info(metric, an.study.meta)
     u = minfo.unit
     stopped = any(a.count("stopped") for a in arms)

@@ -9,32 +9,20 @@ so scipy/statsmodels are used directly.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from dsdtune import stats
 
-from .arms import Arm, MetricInfo, canon, fmt_level
-
-
-@dataclass
-class RankResult:
-    task_factors: list[str]
-    tasks: list[str]  # complete tasks, in order
-    methods: list[str]  # method labels, in the order of `average_ranks`
-    means: np.ndarray  # tasks x methods
-    friedman: stats.RankSummary
-    pairs: list[dict] = field(default_factory=list)  # method_a, method_b, n_tasks, mean_diff, p, p_holm, status
-    dropped_tasks: list[str] = field(default_factory=list)
-    note: str = ""
+from .arms import canon, fmt_level
+from .types import ArmTrials, MetricInfo, RankResult
 
 
 def _label(factors: dict, names: list[str]) -> str:
     return ", ".join(f"{f}={fmt_level(factors[f])}" for f in names) or "all"
 
 
-def rank_summary(study, arms: list[Arm], info: MetricInfo) -> RankResult | None:
+def rank_summary(study, arms: list[ArmTrials], info: MetricInfo) -> RankResult | None:
     """None unless the study varies a task field over at least 2 tasks and has 2+ methods."""
     task_f = [f for f in study.factors if f.startswith("task.")
               and len({canon(a.factors[f]) for a in arms}) > 1]

@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .arms import Arm, MetricInfo
-from .load import Study
-
-if TYPE_CHECKING:
-    from .compare import Reference
+from .types import ArmTrials, MetricInfo, Reference, ReportInput
 
 ALPHA = 0.05  # the level of every test, flag and sentence
 POWER = 0.8  # of the minimum detectable effect
@@ -48,7 +44,7 @@ def test_name(test: str) -> str:
             "wilcoxon_signed_rank": "Wilcoxon"}.get(test, test)
 
 
-def subject_of(study: Study, arm: Arm, reference: Reference) -> str:
+def subject_of(study: ReportInput, arm: ArmTrials, reference: Reference) -> str:
     if arm.key in reference.reference_keys and "fine-tune" in reference.name:
         return f"Direct fine-tuning ({arm.label})"
     flow = study.flow

@@ -3,16 +3,17 @@
 Each mask is stored as its shape and its bits packed 8 to a byte (`numpy.packbits`), inside a
 zip-deflated `.npz` (`numpy.savez_compressed`); loading needs numpy only, never unpickling. A
 ResNet-20 mask set (0.27 M weights) takes about 34 kB before compression, and far less when sparse.
+The file is written through `dsdtune.atomic`: a reader finds the old file or the new one, whole.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping, Union
 
 import numpy as np
 import torch
 
+from ..atomic import write_atomic
 from .masks import Masks
 
 _SHAPE, _BITS = "shape::", "bits::"
@@ -31,11 +32,8 @@ def save_masks(masks: Union[Masks, Mapping[str, torch.Tensor]], path: Union[str,
         bits = mask.detach().cpu().numpy().astype(bool)
         arrays[_SHAPE + name] = np.asarray(bits.shape, dtype=np.int64)
         arrays[_BITS + name] = np.packbits(bits.ravel())
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    # savez to an open file object keeps the name as given (a path would get ".npz" appended)
+    return write_atomic(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
 def load_masks(path: Union[str, Path]) -> Masks:

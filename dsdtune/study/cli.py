@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from .. import plugins
+from .. import registry
 from ..config import SpecError, default_studies_dir, load_study, resolve_study_path
 from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, confirm_arms, describe_plan, make_plan
-from .state import StudyLock, check_same_spec, spec_file, stop_file, store_spec
+from .state import (StudyLock, check_fresh, check_same_spec, claim_folders, holds_ray_state, start_fresh, stop_file,
+                    store_spec)
 from .tasks import describe_tasks, distinct_runs
 from .tracking import check_tracking
 from .validate import check_control, check_gpu, check_search, check_storage, check_tasks
@@ -43,7 +43,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the shipped studies")
     parser.add_argument("--dry-run", action="store_true", help="print the trial plan without starting Ray")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted study from its storage")
-    parser.add_argument("--fresh", action="store_true", help="discard the study's previous Ray state and start over")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: remove the previous run's Ray state, result files, report and masks "
+                             "(in folders dsdtune made; your own files there stay)")
     parser.add_argument("--address", default=None, help="Ray cluster to join ('auto' or host:port); "
                         "default: start a local Ray instance")
     parser.add_argument("--dashboard-host", default="127.0.0.1", help="dashboard bind address (local instance)")
@@ -75,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         spec = load_study(args.study, args.set)
         # A user's model / dataset modules are imported from the study file's folder and the cwd.
-        plugins.add_search_paths(plugins.study_search_paths(resolve_study_path(args.study)))
+        registry.add_search_paths(registry.study_search_paths(resolve_study_path(args.study)))
         results_dir, ray_storage = check_storage(spec, Path(args.results))
         plan = make_plan(spec)
         check_control(spec)
@@ -88,16 +90,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_gpu(spec, args.address)
         check_tracking(args.log)
         ray_state = Path(ray_storage) if "://" not in ray_storage else None
-        has_state = ray_state is not None and ray_state.exists() and any(ray_state.iterdir())
+        has_state = ray_state is not None and holds_ray_state(ray_state)
         if has_state and not (args.resume or args.fresh):
             raise SpecError(f"{results_dir} already holds a run of this study: add --resume to continue it, or "
-                            f"--fresh to discard its Ray state and start over")
+                            f"--fresh to remove it and start over")
+        if args.fresh:
+            check_fresh(results_dir, ray_state, spec.name)
         lock = StudyLock(results_dir)
         lock.acquire()
         if args.resume and not args.fresh and (has_state or ray_state is None):
             check_same_spec(results_dir, spec)
-        runtime_env = plugins.runtime_env([name for run in distinct_runs(plan)
-                                           for name in (run.task.model, run.task.dataset)], bool(args.address))
+        runtime_env = registry.runtime_env([name for run in distinct_runs(plan)
+                                            for name in (run.task.model, run.task.dataset)], bool(args.address))
     except SpecError as err:
         if lock is not None:
             lock.release()
@@ -113,9 +117,8 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
     print(describe_plan(spec, plan), flush=True)
     ray_state = Path(ray_storage) if "://" not in ray_storage else None
     if args.fresh:
-        if ray_state is not None and ray_state.exists():
-            shutil.rmtree(ray_state)
-        spec_file(results_dir).unlink(missing_ok=True)
+        start_fresh(results_dir, ray_state)
+    claim_folders(results_dir, ray_state, spec.name)
     store_spec(results_dir, spec)
     hint = f"continue with: {resume_command(argv)}"
     from .progress import StudyConsole

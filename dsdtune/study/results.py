@@ -1,21 +1,21 @@
 """Result files of a study: the trial table, per-epoch histories, layer densities, each trial's final
 masks (masks/<trial_id>.npz, `dsdtune.sparsity.mask_files.load_masks`) and study.json.
 
-Every file is written atomically (temp file, then rename), so a reader never sees half a file.
+The names come from `dsdtune.results` (the layout, and its reader); every file is written through
+`dsdtune.atomic`, so a reader finds the previous file or the new one, never half of one.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
+from ..atomic import write_atomic, write_csv, write_text
 from ..config import StudySpec, build_run_spec, get_by_path, spec_hash
+from ..results import HISTORY_CSV, LAYERS_CSV, MASKS_DIR, STUDY_JSON, TRIALS_CSV, WEIGHTS_CSV, not_started_ids
 from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, Arm, Plan, phase_labels
-
-
 
 FINAL_STATUSES = ("ok", "diverged", "prefix_diverged", "prefix_error")
 
@@ -75,9 +75,8 @@ def _copy_masks(checkpoint, target: Path) -> None:
     with checkpoint.as_directory() as directory:
         source = Path(directory) / "masks.npz"
         if source.exists():
-            tmp = target.with_name(f".{target.name}.tmp")
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+            with open(source, "rb") as masks:
+                write_atomic(target, lambda handle: shutil.copyfileobj(masks, handle))
 
 
 def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str, list[dict]], seeds: list[int],
@@ -140,18 +139,6 @@ HISTORY_COLUMNS = ["epoch", "phase", "phase_kind", "phase_label", "lr", "sparsit
                    "val_acc", "test_loss", "test_acc"]
 
 
-def write_atomic_csv(frame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def write_atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def phase_kinds(labels: list[str]) -> dict[str, dict]:
     """What the report needs to know of each kind in the study's flows (letter -> name, dense, sparse)."""
     from ..phases import kind_of
@@ -164,7 +151,8 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
     """Write trials.csv, history.csv, layers.csv, weights.csv and study.json; returns status counts.
 
     `interrupted`: the study was stopped, so trials without a final status are `interrupted`, and
-    `missing` lists (stage, arm label, seed) of the trials that never started.
+    `missing` lists (stage, arm label, seed) of the trials that never started: they are written as
+    `interrupted` rows with the ids `not-started-<n>` (n in table order; `dsdtune.results`).
     """
     import pandas as pd
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -190,13 +178,13 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
     trials, histories, layers, weights = [], [], [], []
     for stage, results in stages.items():
         t, h, l, w = _trial_rows(results, stage, factor_of, prefix_histories, seeds_by_stage.get(stage, plan.seeds),
-                                 interrupted, results_dir / "masks")
+                                 interrupted, results_dir / MASKS_DIR)
         trials += t
         histories += h
         layers += l
         weights += w
     for stage, arm, seed in missing:  # never started before the study was stopped
-        trials.append({"trial_id": "", "stage": stage, "arm": arm, **factor_of(arm), "seed": seed,
+        trials.append({"trial_id": None, "stage": stage, "arm": arm, **factor_of(arm), "seed": seed,
                        "status": "interrupted", "epochs_trained": 0})
     trial_frame = pd.DataFrame(trials)
     labels = phase_labels(spec, plan)
@@ -207,12 +195,14 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
     if not trial_frame.empty:
         trial_frame = trial_frame.sort_values(by=["stage", "arm", "seed"], key=lambda c: c.map(order) if c.name == "stage" else c,
                                               kind="stable")
-    write_atomic_csv(trial_frame, results_dir / "trials.csv")
-    write_atomic_csv(pd.DataFrame(histories, columns=["trial_id"] + HISTORY_COLUMNS), results_dir / "history.csv")
+        unnamed = trial_frame["trial_id"].isna()
+        trial_frame.loc[unnamed, "trial_id"] = not_started_ids(int(unnamed.sum()))
+    write_csv(trial_frame, results_dir / TRIALS_CSV)
+    write_csv(pd.DataFrame(histories, columns=["trial_id"] + HISTORY_COLUMNS), results_dir / HISTORY_CSV)
     if layers:
-        write_atomic_csv(pd.DataFrame(layers), results_dir / "layers.csv")
+        write_csv(pd.DataFrame(layers), results_dir / LAYERS_CSV)
     if weights:
-        write_atomic_csv(pd.DataFrame(weights), results_dir / "weights.csv")
+        write_csv(pd.DataFrame(weights), results_dir / WEIGHTS_CSV)
     flows = list(dict.fromkeys(build_run_spec(spec.base_run(), a.assign, plan.seeds[0]).pipeline.flow
                                for a in plan.arms)) or [spec.pipeline.flow]
     meta = {"name": spec.name, "description": spec.description.strip(), "metric": spec.metric, "mode": spec.mode,
@@ -228,7 +218,7 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
         meta["control"] = dict(spec.confirm.control)
         meta["confirm_seeds"] = seeds_by_stage.get(STAGE_CONFIRM)
     meta.update(provenance or {})  # resolved spec + hash, versions, machine, git commit, start/end
-    write_atomic_text(json.dumps(meta, indent=2, default=str) + "\n", results_dir / "study.json")
+    write_text(results_dir / STUDY_JSON, json.dumps(meta, indent=2, default=str) + "\n")
     counts: dict[str, int] = {}
     for row in trials:
         if row["stage"] != STAGE_PREFIX:

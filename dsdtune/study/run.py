@@ -31,7 +31,7 @@ from ray import tune  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
-from .. import plugins
+from .. import registry
 from ..config import StudySpec
 from ..trainable import prefix_stored, run_trial
 from .progress import active_console
@@ -42,7 +42,7 @@ from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, Arm, P
 def connect(address: Optional[str], dashboard_host: str, num_cpus: Optional[int], runtime_env: Optional[dict] = None):
     """Start or join Ray; returns (ray, whether we own the connection and must shut it down).
 
-    `runtime_env` carries a user's model / dataset modules to the workers (`plugins.runtime_env`).
+    `runtime_env` carries a user's model / dataset modules to the workers (`registry.runtime_env`).
     """
     if ray.is_initialized():  # called from a notebook or a test that already connected
         return ray, False
@@ -77,7 +77,7 @@ def _study_payload(spec: StudySpec, plan: Plan, arms: list[Arm], ray_storage: st
             "mode": spec.mode, "cpus_per_trial": spec.resources.cpu, "gpus_per_trial": spec.resources.gpu,
             "checkpoint_every_s": spec.checkpoint_every_s, "prefix_length": plan.prefix_length,
             "prefix_root": prefix_root(ray_storage), "stop_file": stop_file,
-            "report_every_epoch": spec.scheduler.kind != "none", "plugins": plugins.worker_payload(),
+            "report_every_epoch": spec.scheduler.kind != "none", "registry": registry.worker_payload(),
             "prefix_snapshots": {pid: [list(p) for p in points] for pid, points in plan.prefix_snapshots.items()},
             "model_costs": plan.model_costs}
 

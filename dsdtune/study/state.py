@@ -1,23 +1,32 @@
-"""What the runner keeps beside a study's results, in `<results>/.dsdtune/`.
+"""What the runner keeps beside a study's results, in `<results>/.dsdtune/`, and which folders are its own.
 
 - `lock`: the pid and host of the driver running the study; a second driver is refused, and the
   lock of a process that no longer runs (on this host) is taken over.
 - `spec.json`: the resolved spec and its hash, stored when the study starts; `--resume` refuses a
   spec that differs, naming the first field that does.
 - `stop`: written on Ctrl-C/SIGTERM; running trials that see it checkpoint at their next epoch end.
+- `.dsdtune-made` (in the results folder and in its `ray/` folder): dsdtune made this folder (or
+  found it empty), so `--fresh` may clear it. `--fresh` removes only the files dsdtune's writers
+  write in a marked results folder (`dsdtune.results.result_files`) and a marked `ray/` folder as a
+  whole; on a folder without the marker it refuses, before anything is written.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
+from ..atomic import write_text
 from ..config import SpecError, StudySpec, first_difference, get_by_path, spec_hash, study_identity
+from ..results import MASKS_DIR, STUDY_JSON, result_files
 
 STATE_DIR = ".dsdtune"
+MARKER = ".dsdtune-made"
 
 
 def state_dir(results_dir: Path) -> Path:
@@ -85,11 +94,8 @@ def spec_file(results_dir: Path) -> Path:
 
 
 def store_spec(results_dir: Path, spec: StudySpec) -> None:
-    path = spec_file(results_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"hash": spec_hash(spec), "spec": study_identity(spec)}, indent=2) + "\n")
-    os.replace(tmp, path)
+    stored = {"hash": spec_hash(spec), "spec": study_identity(spec)}
+    write_text(spec_file(results_dir), json.dumps(stored, indent=2) + "\n")
 
 
 def check_same_spec(results_dir: Path, spec: StudySpec) -> None:
@@ -113,3 +119,73 @@ def _value(tree: dict, path: str):
         return get_by_path(tree, path)
     except (KeyError, IndexError, TypeError, ValueError):  # the field exists on one side only
         return None
+
+
+# ------------------------------------------------------------------------ folders dsdtune made
+
+
+def is_marked(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def _holds_nothing_else(folder: Path) -> bool:
+    """Absent, empty, or holding only dsdtune's own state and marker."""
+    return not folder.exists() or (folder.is_dir() and all(p.name in (STATE_DIR, MARKER) for p in folder.iterdir()))
+
+
+def _holds_its_results(folder: Path, study: str) -> bool:
+    """This study's results as a dsdtune from before the markers wrote them (study.json names the study)."""
+    try:
+        meta = json.loads((folder / STUDY_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("name") == study and "factors" in meta
+
+
+def holds_ray_state(ray_dir: Path) -> bool:
+    """Whether a Ray state folder holds anything of a run (its marker alone is not a run)."""
+    return ray_dir.is_dir() and any(p.name != MARKER for p in ray_dir.iterdir())
+
+
+def _results_folder_is_ours(results_dir: Path, study: str) -> bool:
+    return is_marked(results_dir) or _holds_nothing_else(results_dir) or _holds_its_results(results_dir, study)
+
+
+def claim_folders(results_dir: Path, ray_dir: Optional[Path], study: str) -> None:
+    """Mark the results folder and its Ray state folder (None: remote storage) as dsdtune's where dsdtune
+    makes them now or finds them empty; a results folder also where it holds this study's results
+    written before markers existed. A folder left unmarked is never cleared by `--fresh`."""
+    if not is_marked(results_dir) and _results_folder_is_ours(results_dir, study):
+        _mark(results_dir, f"the results folder of study {study!r}")
+    if ray_dir is not None and not is_marked(ray_dir) and _holds_nothing_else(ray_dir):
+        _mark(ray_dir, f"the Ray state of study {study!r}")
+
+
+def _mark(folder: Path, what: str) -> None:
+    write_text(folder / MARKER, f"dsdtune made this folder: {what}. `python -m dsdtune.study ... --fresh` removes "
+                                f"what dsdtune wrote here; other files are left alone.\n")
+
+
+def check_fresh(results_dir: Path, ray_dir: Optional[Path], study: str) -> None:
+    """`--fresh` clears only folders dsdtune made: a SpecError (one line, nothing written) otherwise."""
+    if results_dir.exists() and not _results_folder_is_ours(results_dir, study):
+        raise SpecError(f"--fresh: {results_dir} was not made by dsdtune (it holds other files and no {MARKER} "
+                        f"marker), so nothing in it is removed; move your files out of it or choose another "
+                        f"folder with --results or storage")
+    if ray_dir is not None and not is_marked(ray_dir) and not _holds_nothing_else(ray_dir):
+        raise SpecError(f"--fresh: {ray_dir} was not made by this dsdtune (no {MARKER} marker), so it is not "
+                        f"deleted; delete it yourself if it only holds an earlier run of this study")
+
+
+def start_fresh(results_dir: Path, ray_dir: Optional[Path]) -> None:
+    """Remove the previous run (after `check_fresh`): the files dsdtune wrote in the results folder
+    (tables, study.json, the report and its figures, masks/*.npz), the stored spec, and the Ray state
+    folder when it is marked as dsdtune's. A user's own files in the results folder stay."""
+    for path in result_files(results_dir):
+        path.unlink(missing_ok=True)
+    masks = results_dir / MASKS_DIR
+    if masks.is_dir() and not any(masks.iterdir()):
+        masks.rmdir()
+    spec_file(results_dir).unlink(missing_ok=True)
+    if ray_dir is not None and is_marked(ray_dir):
+        shutil.rmtree(ray_dir)

@@ -24,8 +24,9 @@ def distinct_runs(plan: Plan) -> list[RunSpec]:
 def describe_tasks(plan: Plan) -> str:
     """Each distinct task's prunable layers with their sizes (what --dry-run prints)."""
     from ..data import DatasetUnavailable, load_dataset
-    from ..models import build_model, load_init_checkpoint
+    from ..models import build_model
     from ..phases import resolve_exclude_first
+    from ..sparsity.checkpoint import load_init_checkpoint
     from ..sparsity.masks import describe_prunable
     lines = []
     for run in distinct_runs(plan):
