@@ -114,7 +114,9 @@ def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> 
     else:
         assignments, seed = study["arms"][config["arm"]], config["seed"]
     spec = build_run_spec(study["base"], assignments, seed)
-    metric, length = study["metric"], study["prefix_length"]
+    metric = study["metric"]
+    # how many leading phases this trial shares with others (per arm; one length for a search's trials)
+    length = study.get("prefix_lengths", {}).get(config.get("arm"), study["prefix_length"])
     role = config.get("role", "solo")
     my_prefix = prefix_id(spec, length) if length > 0 and role != "solo" else ""
     prefix_status = config.get("prefix_status") or study.get("failed_prefixes", {}).get(my_prefix)
@@ -137,9 +139,10 @@ def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> 
         pipeline.load_state_dict(load_prefix(study["prefix_root"], my_prefix))
         started_from = "prefix"
     stop_after = length - 1 if stop_after_prefix else None
-    reporter = TrialReporter(study, spec, prefix=my_prefix if stores_prefix else "",
+    reporter = TrialReporter(study, spec, prefix=my_prefix if stores_prefix else "", prefix_phases=length,
                              last_phase=stop_after if stop_after is not None else len(pipeline.phases) - 1,
-                             extras={"prefix_id": my_prefix, "started_from": started_from, "role": role,
+                             extras={"prefix_id": my_prefix, "prefix_phases": length if my_prefix else 0,
+                                     "started_from": started_from, "role": role,
                                      "node_id": ray.get_runtime_context().get_node_id()})
     pipeline.run(on_epoch=reporter.on_epoch, stop_after_phase=stop_after)
 
@@ -151,9 +154,10 @@ class TrialReporter:
     checkpoints are taken at phase ends and every `checkpoint_every_s`, and the final report carries
     the trial's per-layer densities, weight histograms and cost."""
 
-    def __init__(self, study: dict, spec, prefix: str, last_phase: int, extras: dict):
+    def __init__(self, study: dict, spec, prefix: str, prefix_phases: int, last_phase: int, extras: dict):
         self.study, self.spec, self.metric = study, spec, study["metric"]
         self.prefix = prefix  # the shared prefix this trial stores ("" if none)
+        self.prefix_phases = prefix_phases
         self.last_phase = last_phase
         self.extras = extras
         self.tags = {"study": study["name"], "trial": tune.get_context().get_trial_name() or "trial"}
@@ -175,7 +179,7 @@ class TrialReporter:
         report["history_json"] = json.dumps(self.unreported)
         self.unreported.clear()
         self.last_report = time.monotonic()
-        if at_boundary and pipe.phase_index == self.study["prefix_length"]:
+        if at_boundary and pipe.phase_index == self.prefix_phases:
             self.store_prefix(pipe, report)
         if (at_boundary or checkpoint_due or finished or stop_requested) and pipe.status != "diverged":
             self.checkpoint(pipe, report, finished)

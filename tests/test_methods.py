@@ -260,13 +260,16 @@ variants:
   dsd: {pipeline.flow: DSD}
   gmp: {pipeline.flow: DMD}
   lth: {pipeline.flow: DLD}
+  static: {pipeline.flow: S, pipeline.epochs: [4], init.density: erk, init.init_density: 0.2}
 seeds: 2
 """)
     from dsdtune.study.plan import make_plan
     plan = make_plan(load_study(study))
-    assert plan.prefix_length == 1 and len(plan.prefixes) == 2  # one dense prefix per seed, all arms
-    assert len(set(plan.trial_prefix.values())) == 2
-    assert all(points == [(0, 3)] for points in plan.prefix_snapshots.values())
+    assert len(plan.prefixes) == 2  # one dense prefix per seed, shared by the dense-start arms
+    assert plan.arm_prefix_length == {"variant=dsd": 1, "variant=gmp": 1, "variant=lth": 1, "variant=static": 0}
+    assert len({pid for (arm, _), pid in plan.trial_prefix.items() if arm != "variant=static"}) == 2
+    assert all(points == [(0, 3)] for points in plan.prefix_snapshots.values())  # the ticket's rewind point
+    assert plan.epochs_with_sharing == plan.epochs_without_sharing - 2 * 2 * 2  # 2 seeds x 2 dependents x 2
 
 
 # ---- settings refused in one line ----------------------------------------------------------------

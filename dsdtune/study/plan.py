@@ -25,13 +25,19 @@ class Arm:
 
 @dataclass
 class Plan:
+    """Arms x seeds, and the shared prefixes: the leading phases an arm has in common with other arms
+    (same task, init and seed) are trained once, by one trial, for every trial that shares them. Arms
+    share as much as they have in common: in a study of DSD, GMP (DM) and static sparse training (S),
+    the D and M arms of a seed share their dense phase and the S arms train alone."""
+
     arms: list[Arm]
     seeds: list[int]
-    prefix_length: int
+    prefix_length: int  # the longest shared prefix of any arm, in phases (0: nothing shared)
     prefixes: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (arm label, seed)
     trial_prefix: dict[tuple[str, int], str] = field(default_factory=dict)
     epochs_per_trial: dict[str, int] = field(default_factory=dict)  # arm label -> epochs
-    prefix_epochs: int = 0
+    arm_prefix_length: dict[str, int] = field(default_factory=dict)  # arm label -> phases it shares
+    prefix_epochs_of: dict[str, int] = field(default_factory=dict)  # prefix id -> its epochs
     factors: list[str] = field(default_factory=list)
     runs: list = field(default_factory=list)  # one checked RunSpec per arm (or Optuna probe), first seed
     # prefix id -> (phase index, step) points inside the prefix whose weights some trial sharing it needs
@@ -44,8 +50,13 @@ class Plan:
 
     @property
     def epochs_with_sharing(self) -> int:
-        shared = sum(1 for key in self.trial_prefix.values() if key in self.prefixes)
-        return self.epochs_without_sharing - shared * self.prefix_epochs + len(self.prefixes) * self.prefix_epochs
+        shared = sum(self.prefix_epochs_of[pid] for pid in self.trial_prefix.values() if pid in self.prefixes)
+        return self.epochs_without_sharing - shared + sum(self.prefix_epochs_of[pid] for pid in self.prefixes)
+
+    @property
+    def prefix_epochs(self) -> int:
+        """The longest shared prefix's epochs (what a trial restored from a prefix skips at most)."""
+        return max((self.prefix_epochs_of[pid] for pid in self.prefixes), default=0)
 
 
 def _label(factors: dict[str, Any]) -> str:
@@ -134,7 +145,7 @@ def make_plan(spec: StudySpec) -> Plan:
     # Optuna's arms are unknown in advance: probe every axis at its ends to find the shared prefix.
     probes = [Arm("base", {}, {})] + [Arm(f"{p}={v}", {p: v}, {p: v})
                                       for p, axis in spec.search.space.items() for v in _probe_values(axis)]
-    plan = plan_for_arms(spec, probes)
+    plan = plan_for_arms(spec, probes, common=True)
     # Factors: the searched fields, and what the confirm stage's control changes (e.g. sparsity).
     control_keys = [k for k in (spec.confirm.control if spec.confirm else {}) if k not in spec.search.space]
     plan.arms, plan.factors, plan.trial_prefix = [], list(spec.search.space) + control_keys, {}
@@ -150,34 +161,55 @@ def make_plan(spec: StudySpec) -> Plan:
     return plan
 
 
-def plan_for_arms(spec: StudySpec, arms: list[Arm]) -> Plan:
-    """The plan for fixed arms x the study's seeds; the prefix is the leading phases all arms share."""
+def plan_for_arms(spec: StudySpec, arms: list[Arm], common: bool = False) -> Plan:
+    """The plan for fixed arms x the study's seeds, with each arm's shared prefix.
+
+    An arm shares its leading phases with the other arms that have the most of them in common (same
+    task, init and seed: equal prefix ids); `common` asks for one prefix all arms share (an Optuna
+    search, whose trials are not known in advance). At least one phase is left for each trial."""
     from ..phases import expand_phases, flow_snapshots
     from ..pipeline import prefix_id
     seeds = spec.seed_list
     runs = {a.label: _check_trial(spec, a.assign, seeds[0], f" (arm {a.label})" if a.factors else "") for a in arms}
     phase_lists = {label: expand_phases(run.pipeline, run.init) for label, run in runs.items()}
-    reference = next(iter(phase_lists.values()))
-    # Task/init/seed are part of a prefix's id; at least one phase is left for each trial on its own.
-    length = min(len(p) for p in phase_lists.values()) - 1 if spec.share_prefixes else 0
-    while length > 0 and any(p[:length] != reference[:length] for p in phase_lists.values()):
-        length -= 1
     check_settings_blocks(list(runs.values()))
-    plan = Plan(arms, seeds, length, factors=list(arms[0].factors), runs=list(runs.values()))
+
+    def shared(a: str, b: str) -> int:
+        pa, pb = phase_lists[a], phase_lists[b]
+        n = 0
+        while n < min(len(pa), len(pb)) - 1 and pa[n] == pb[n]:
+            n += 1
+        while n > 0 and prefix_id(runs[a], n) != prefix_id(runs[b], n):  # another task or init
+            n -= 1
+        return n
+
+    labels = list(runs)
+    if not spec.share_prefixes:
+        lengths = {a: 0 for a in labels}
+    elif common:
+        length = min(min(shared(labels[0], b) for b in labels[1:]), len(phase_lists[labels[0]]) - 1) \
+            if len(labels) > 1 else len(phase_lists[labels[0]]) - 1
+        lengths = {a: max(0, length) for a in labels}
+    else:
+        lengths = {a: max((shared(a, b) for b in labels if b != a), default=0) for a in labels}
+    plan = Plan(arms, seeds, max(lengths.values(), default=0), factors=list(arms[0].factors),
+                runs=list(runs.values()), arm_prefix_length=lengths)
     plan.epochs_per_trial = {label: sum(p.epochs for p in plist) for label, plist in phase_lists.items()}
-    plan.prefix_epochs = sum(p.epochs for p in reference[:length])
-    if length:
-        users: dict[str, list[tuple[str, int]]] = {}
-        for arm in arms:
-            # the points inside the prefix whose weights this arm's later phases rewind to
-            needed = [point for point in flow_snapshots(phase_lists[arm.label]) if point[0] < length]
-            for seed in seeds:
-                pid = prefix_id(build_run_spec(spec.base_run(), arm.assign, seed), length)
-                plan.trial_prefix[(arm.label, seed)] = pid
-                users.setdefault(pid, []).append((arm.label, seed))
-                plan.prefix_snapshots[pid] = sorted(set(plan.prefix_snapshots.get(pid, [])) | set(needed))
-        plan.prefixes = {pid: trials[0] for pid, trials in users.items() if len(trials) > 1}
-        plan.prefix_snapshots = {pid: pts for pid, pts in plan.prefix_snapshots.items() if pts and pid in plan.prefixes}
+    users: dict[str, list[tuple[str, int]]] = {}
+    for arm in arms:
+        length = lengths[arm.label]
+        if not length:
+            continue
+        # the points inside the prefix whose weights this arm's later phases rewind to
+        needed = [point for point in flow_snapshots(phase_lists[arm.label]) if point[0] < length]
+        for seed in seeds:
+            pid = prefix_id(build_run_spec(spec.base_run(), arm.assign, seed), length)
+            plan.trial_prefix[(arm.label, seed)] = pid
+            plan.prefix_epochs_of[pid] = sum(p.epochs for p in phase_lists[arm.label][:length])
+            users.setdefault(pid, []).append((arm.label, seed))
+            plan.prefix_snapshots[pid] = sorted(set(plan.prefix_snapshots.get(pid, [])) | set(needed))
+    plan.prefixes = {pid: trials[0] for pid, trials in users.items() if len(trials) > 1}
+    plan.prefix_snapshots = {pid: pts for pid, pts in plan.prefix_snapshots.items() if pts and pid in plan.prefixes}
     return plan
 
 
@@ -196,8 +228,13 @@ def describe_plan(spec: StudySpec, plan: Plan) -> str:
     if plan.prefixes:
         where = ("in stage 'prefix', before the search" if spec.search.algorithm == "optuna" else
                  "by one trial of each, which stores it for the others the moment it ends")
-        lines.append(f"shared prefixes: {len(plan.prefixes)} (first {plan.prefix_length} phase(s), "
-                     f"{plan.prefix_epochs} epochs each), trained once {where}")
+        groups: dict[tuple[int, int], int] = {}
+        for pid, (label, _) in plan.prefixes.items():
+            key = (plan.arm_prefix_length.get(label, plan.prefix_length), plan.prefix_epochs_of[pid])
+            groups[key] = groups.get(key, 0) + 1
+        what = "; ".join((f"{n} of the " if len(groups) > 1 else "") + f"first {length} phase(s), {epochs} epochs each"
+                         for (length, epochs), n in sorted(groups.items()))
+        lines.append(f"shared prefixes: {len(plan.prefixes)} ({what}), trained once {where}")
     if spec.search.algorithm != "optuna":
         lines.append(f"epochs: {plan.epochs_with_sharing} with shared prefixes, "
                      f"{plan.epochs_without_sharing} without")

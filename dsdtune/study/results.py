@@ -173,7 +173,8 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
         for result in results:
             metrics = result.metrics or {}
             if metrics.get("role") == "rep" and metrics.get("prefix_id"):
-                rows = [h for h in reported_epochs(result) if h.get("epoch", 0) <= plan.prefix_epochs]
+                shared = metrics.get("prefix_phases", plan.prefix_length)  # the phases its prefix holds
+                rows = [h for h in reported_epochs(result) if h.get("phase", 0) < shared]
                 prefix_histories.setdefault(metrics["prefix_id"], rows)
     trials, histories, layers, weights = [], [], [], []
     for stage, results in stages.items():
@@ -210,6 +211,7 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
             "phase_labels": labels, "seeds": plan.seeds,
             "search_alg": spec.search.algorithm, "control": spec.control,
             "shared_prefix": bool(plan.prefixes), "prefix_length": plan.prefix_length,
+            "prefix_lengths": dict(plan.arm_prefix_length),
             "epochs_with_sharing": plan.epochs_with_sharing if plan.arms else None,
             "epochs_without_sharing": plan.epochs_without_sharing if plan.arms else None,
             "spec": spec.model_dump(mode="json"), "spec_hash": spec_hash(spec), "interrupted": interrupted,

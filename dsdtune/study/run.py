@@ -76,6 +76,7 @@ def _study_payload(spec: StudySpec, plan: Plan, arms: list[Arm], ray_storage: st
             "arms": {a.label: a.assign for a in arms}, "seeds": plan.seeds, "metric": spec.metric,
             "mode": spec.mode, "cpus_per_trial": spec.resources.cpu, "gpus_per_trial": spec.resources.gpu,
             "checkpoint_every_s": spec.checkpoint_every_s, "prefix_length": plan.prefix_length,
+            "prefix_lengths": dict(plan.arm_prefix_length),
             "prefix_root": prefix_root(ray_storage), "stop_file": stop_file,
             "report_every_epoch": spec.scheduler.kind != "none", "registry": registry.worker_payload(),
             "prefix_snapshots": {pid: [list(p) for p in points] for pid, points in plan.prefix_snapshots.items()},
