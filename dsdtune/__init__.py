@@ -3,7 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = ["run_pipeline", "Pipeline", "RunSpec", "load_study", "register_model", "register_dataset",
-           "load_results", "StudyResults"]
+           "load_results", "StudyResults", "PhaseKind", "PhaseState", "MaskedState", "KindSettings",
+           "register_phase_kind"]
 
 
 def __getattr__(name):
@@ -17,7 +18,10 @@ def __getattr__(name):
     if name == "register_dataset":
         from .data import register_dataset
         return register_dataset
-    if name in ("RunSpec", "load_study"):
+    if name in ("PhaseKind", "PhaseState", "MaskedState", "register_phase_kind"):
+        from . import phases
+        return getattr(phases, name)
+    if name in ("RunSpec", "load_study", "KindSettings"):
         from . import config
         return getattr(config, name)
     if name in ("load_results", "StudyResults"):

@@ -298,6 +298,9 @@ class StudySpec(_Strict):
     share_prefixes: StrictBool = True
     storage: Optional[str] = None
     report: ReportSpec = Field(default_factory=ReportSpec)
+    # A user's own methods: flow letter -> "package.module:ClassName" of a dsdtune.PhaseKind subclass,
+    # found like a user's model (the study file's folder, the current directory, installed packages).
+    phase_kinds: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod

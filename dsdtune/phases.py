@@ -27,6 +27,7 @@ import torch
 from pydantic import Field, StrictFloat, StrictInt, ValidationError, model_validator
 
 from .config import InitSpec, KindSettings, PipelineSpec, SpecError, _as_list, format_validation_error
+from .registry import Registry
 from .sparsity.masks import Masks
 from .sparsity.dst import drop_and_grow_layers
 from .sparsity.prune import CRITERIA, MAGNITUDE_CRITERIA
@@ -205,27 +206,94 @@ class PhaseKind:
         return {"name": self.name, "dense": self.dense, "sparse": self.sparse}
 
 
-PHASE_KINDS: dict[str, PhaseKind] = {}
+def _is_kind_class(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, PhaseKind)
 
 
-def register(kind: PhaseKind | type[PhaseKind], letter: Optional[str] = None) -> PhaseKind:
-    """Make a kind usable in flows under its letter (or `letter`); returns the registered instance."""
-    instance = kind() if isinstance(kind, type) else kind
-    letter = letter or instance.letter
-    if len(letter) != 1 or not letter.isupper():
-        raise ValueError(f"a phase kind is one capital letter, got {letter!r}")
-    if instance.letter != letter:
-        instance.letter = letter
-    PHASE_KINDS[letter] = instance
-    return instance
+# Letter -> the built-in kinds (filled below); a user's kinds are registered classes (`register_phase_kind`,
+# or a study file's `phase_kinds: {X: "package.module:ClassName"}`), which travel to Ray workers with the study.
+BUILTIN_KINDS: dict[str, PhaseKind] = {}
+PHASE_KINDS = Registry("phase_kind", "pipeline.flow", BUILTIN_KINDS, check=_is_kind_class,
+                       expects="a subclass of dsdtune.PhaseKind", import_hint=None, name_pattern=r"[A-Z]",
+                       name_rule="one capital letter", shown=[])
+_INSTANCES: dict[type, PhaseKind] = {}
+
+
+def register(kind: PhaseKind) -> PhaseKind:
+    """A built-in kind under its letter (users: `register_phase_kind`)."""
+    if len(kind.letter) != 1 or not kind.letter.isupper():
+        raise ValueError(f"a phase kind is one capital letter, got {kind.letter!r}")
+    BUILTIN_KINDS[kind.letter] = kind
+    return kind
+
+
+def register_phase_kind(letter: str, cls: Optional[type[PhaseKind]] = None):
+    """Make a user's `PhaseKind` subclass usable as `letter` in `pipeline.flow` (call or decorator).
+
+    Built-in letters are refused; registering a letter again replaces it (a notebook cell run twice).
+    Registered kinds travel to Ray workers with the study (classes of a notebook are shipped by value).
+    """
+    if cls is None:
+        return lambda target: register_phase_kind(letter, target)
+    if letter in BUILTIN_KINDS:
+        raise ValueError(f"register_phase_kind: {letter!r} is the built-in kind {BUILTIN_KINDS[letter].name}; "
+                         f"choose another capital letter")
+    if _is_kind_class(cls):
+        _check_kind_class(cls, f"register_phase_kind({letter!r})")
+    PHASE_KINDS.register(letter, cls)
+    return cls
+
+
+def register_study_kinds(kinds: dict[str, str]) -> None:
+    """A study file's `phase_kinds: {X: "package.module:ClassName"}`: each resolved and registered, or one line."""
+    for letter, path in kinds.items():
+        field = f"phase_kinds.{letter}"
+        if letter in BUILTIN_KINDS:
+            raise SpecError(f"{field}: {letter} is the built-in kind {BUILTIN_KINDS[letter].letter} "
+                            f"({BUILTIN_KINDS[letter].name}); choose a free capital letter (taken: "
+                            f"{''.join(sorted(BUILTIN_KINDS))})")
+        if not (isinstance(letter, str) and len(letter) == 1 and letter.isupper()):
+            raise SpecError(f"{field}: a phase kind's letter is one capital letter, got {letter!r}")
+        if not isinstance(path, str) or ":" not in path:
+            raise SpecError(f"{field}: give the class as an import path, 'package.module:ClassName', got {path!r}")
+        cls = PHASE_KINDS.resolve(path, field)
+        _check_kind_class(cls, field)
+        PHASE_KINDS.register(letter, cls)
+
+
+def _check_kind_class(cls: type[PhaseKind], field: str) -> None:
+    """What a user's kind must get right before it runs (one line each)."""
+    taken = {k.settings_key: k for k in BUILTIN_KINDS.values() if k.settings_key}
+    key = cls.settings_key
+    if key is not None:
+        if cls.Settings is None or not (isinstance(cls.Settings, type) and issubclass(cls.Settings, KindSettings)):
+            raise SpecError(f"{field}: {cls.__name__} names settings_key {key!r} but its Settings is not a "
+                            f"subclass of dsdtune.KindSettings")
+        if key in PipelineSpec.model_fields or (key in taken and not issubclass(cls, type(taken[key]))):
+            raise SpecError(f"{field}: {cls.__name__}.settings_key {key!r} is taken (pipeline.{key}); choose another")
+    if not (isinstance(cls.State, type) and issubclass(cls.State, PhaseState)):
+        raise SpecError(f"{field}: {cls.__name__}.State must be a subclass of dsdtune.PhaseState")
 
 
 def kind_of(letter: str) -> PhaseKind:
-    return PHASE_KINDS[letter]
+    """The kind a flow letter stands for (a registered class is instantiated once, under its letter)."""
+    kind = PHASE_KINDS[letter]
+    if isinstance(kind, PhaseKind):
+        return kind
+    instance = _INSTANCES.get(kind)
+    if instance is None or instance.letter != letter:
+        instance = _INSTANCES[kind] = kind()
+        instance.letter = letter
+    return instance
+
+
+def all_kinds() -> dict[str, PhaseKind]:
+    """Every kind usable in a flow now, by letter: the built-ins, then the registered ones."""
+    return {letter: kind_of(letter) for letter in PHASE_KINDS}
 
 
 def init_mask_letters() -> str:
-    return "".join(k for k, v in PHASE_KINDS.items() if v.trains_init_mask)
+    return "".join(k for k, v in all_kinds().items() if v.trains_init_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,7 +655,7 @@ def resolve_exclude_first(spec: PipelineSpec) -> bool:
     it (GSM's official code)."""
     if spec.exclude_first is not None:
         return bool(spec.exclude_first)
-    kinds = [PHASE_KINDS[c] for c in spec.flow if c in PHASE_KINDS and PHASE_KINDS[c].sparse]
+    kinds = [kind_of(c) for c in spec.flow if c in PHASE_KINDS and kind_of(c).sparse]
     return not (kinds and all(k.includes_first_layer for k in kinds))
 
 
@@ -601,7 +669,7 @@ def check_flow(spec: PipelineSpec, unused_blocks: bool = True) -> None:
     known and valid; with `unused_blocks` False a block for a kind the flow does not use is refused."""
     unknown = sorted({c for c in spec.flow if c not in PHASE_KINDS})
     if unknown:
-        allowed = ", ".join(f"{k} ({v.name})" for k, v in PHASE_KINDS.items())
+        allowed = ", ".join(f"{k} ({v.name})" for k, v in all_kinds().items())
         raise SpecError(f"pipeline.flow: unknown phase kind {', '.join(unknown)} in {spec.flow!r}; allowed: {allowed}")
     n, n_sparse = len(spec.flow), sum(kind_of(c).sparse for c in spec.flow)
     for name in ("sparsity", "criterion"):
@@ -609,25 +677,35 @@ def check_flow(spec: PipelineSpec, unused_blocks: bool = True) -> None:
         if isinstance(value, list) and len(value) not in (n, n_sparse):
             raise SpecError(f"pipeline.{name}: has {len(value)} entries; flow {spec.flow!r} needs {n} (one per "
                             f"phase) or {n_sparse} (one per sparse phase)")
-    by_key = {k.settings_key: k for k in PHASE_KINDS.values() if k.settings_key}
+    owners = block_owners()
     for key, value in settings_blocks(spec).items():
-        kind = by_key.get(key)
-        if kind is None:
+        kinds = owners.get(key)
+        if not kinds:
             hint = _RENAMED.get(key)
             if hint:
                 raise SpecError(f"pipeline.{key}: is now {hint}")
-            allowed = ", ".join(list(PipelineSpec.model_fields) + sorted(by_key))
+            allowed = ", ".join(list(PipelineSpec.model_fields) + sorted(owners))
             raise SpecError(f"pipeline.{key}: unknown key; allowed: {allowed}")
-        if not unused_blocks and kind.letter not in spec.flow:
-            raise SpecError(f"pipeline.{key}: sets {kind.letter} ({kind.name}), which flow {spec.flow!r} does not "
-                            f"use; drop the block or use {kind.letter} in the flow")
+        letters = "/".join(k.letter for k in kinds)
+        if not unused_blocks and not any(k.letter in spec.flow for k in kinds):
+            raise SpecError(f"pipeline.{key}: sets {letters} ({kinds[0].name}), which flow {spec.flow!r} does not "
+                            f"use; drop the block or use {letters} in the flow")
         if not isinstance(value, dict):
-            raise SpecError(f"pipeline.{key}: must be a mapping of {kind.letter}'s settings, e.g. "
-                            f"{json_example(kind)}")
-        try:
-            kind.Settings.model_validate(value)
-        except ValidationError as err:
-            raise SpecError(format_validation_error(err, prefix=f"pipeline.{key}")) from None
+            raise SpecError(f"pipeline.{key}: must be a mapping of {letters}'s settings, e.g. {json_example(kinds[0])}")
+        for kind in kinds:
+            try:
+                kind.Settings.model_validate(value)
+            except ValidationError as err:
+                raise SpecError(format_validation_error(err, prefix=f"pipeline.{key}")) from None
+
+
+def block_owners() -> dict[str, list[PhaseKind]]:
+    """Settings block key -> the kinds that read it (R and E share `pipeline.dst`)."""
+    owners: dict[str, list[PhaseKind]] = {}
+    for kind in all_kinds().values():
+        if kind.settings_key:
+            owners.setdefault(kind.settings_key, []).append(kind)
+    return owners
 
 
 _RENAMED = {"gsm_momentum": "pipeline.gsm.momentum", "gsm_budget": "pipeline.gsm.budget"}

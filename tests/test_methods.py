@@ -310,3 +310,12 @@ def test_kinds_defaults_expand_per_phase():
     assert phases[2].settings == phases[4].settings == {"drop_fraction": 0.3, "every_steps": 100, "end": 0.75}
     assert phases[3].settings == {"step": 0}
     assert [p.sparsity for p in phases] == [0.0, 0.5, 0.5, 0.5, 0.5]
+
+
+def test_a_block_read_by_several_kinds_is_used_by_any_of_them(tmp_path):
+    """R and E both read pipeline.dst: a study with only RigL arms uses it."""
+    study = tmp_path / "rigl.yaml"
+    study.write_text("name: rigl\ntask: {dataset: synthetic}\ninit: {density: erk, init_density: 0.2}\n"
+                     "pipeline: {flow: R, epochs: 2, dst: {every_steps: 2}}\n")
+    from dsdtune.study.plan import make_plan
+    assert make_plan(load_study(study)).runs[0].pipeline.model_extra == {"dst": {"every_steps": 2}}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dsdtune.config import PipelineSpec, SpecError
-from dsdtune.phases import PHASE_KINDS, Dense, DenseState, expand_phases, register, resolve_exclude_first
+from dsdtune.phases import PHASE_KINDS, Dense, DenseState, expand_phases, register_phase_kind, resolve_exclude_first
 from dsdtune.pipeline import Pipeline, run_pipeline
 from dsdtune.sparsity.topk import kept_count, top_k_mask
 
@@ -26,10 +26,10 @@ def test_a_new_phase_kind_is_one_registered_object():
             return {"before_step": lambda step: (first.grad.zero_(), calls.append(step))}
 
     class FrozenFirst(Dense):
-        letter, name = "F", "frozen-first"
+        name = "frozen-first"
         State = FrozenFirstState
 
-    register(FrozenFirst())
+    register_phase_kind("F", FrozenFirst)
     try:
         assert [p.kind for p in expand_phases(PipelineSpec(flow="DF", epochs=1))] == ["D", "F"]
         pipe = Pipeline({"task": TASK, "pipeline": {"flow": "DF", "epochs": [1, 2], "lr": 0.05, "weight_decay": 0.0,
@@ -42,7 +42,7 @@ def test_a_new_phase_kind_is_one_registered_object():
         assert calls == [("start", "F1", 8), *range(8)] and "acc_after_F1" in result.final
         assert torch.equal(next(iter(pipe.prunable.values())), first)  # its hook held the layer
     finally:
-        del PHASE_KINDS["F"]
+        PHASE_KINDS.unregister("F")
     with pytest.raises(SpecError, match="unknown phase kind F"):
         Pipeline({"task": TASK, "pipeline": {"flow": "DF"}, "seed": 0})
 

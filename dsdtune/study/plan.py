@@ -121,20 +121,28 @@ def _check_trial(spec: StudySpec, assign: dict[str, Any], seed: int, where: str)
 
 def check_settings_blocks(runs: list) -> None:
     """A kind's settings block that no arm's flow uses changes nothing: refused (one line)."""
-    from ..phases import PHASE_KINDS, settings_blocks
+    from ..phases import block_owners, settings_blocks
     used = {c for run in runs for c in run.pipeline.flow}
-    owners = {k.settings_key: k for k in PHASE_KINDS.values() if k.settings_key}
+    owners = block_owners()
     for run in runs:
         for key in settings_blocks(run.pipeline):  # check_names has refused keys no kind owns
-            owner = owners[key]
-            if owner.letter not in used:
+            kinds = owners[key]
+            if not any(k.letter in used for k in kinds):
+                letters = "/".join(k.letter for k in kinds)
                 flows = ", ".join(sorted({r.pipeline.flow for r in runs}))
-                raise SpecError(f"pipeline.{key}: sets {owner.letter} ({owner.name}), which no arm's flow uses "
-                                f"(flows: {flows}); drop the block or use {owner.letter} in a flow")
+                raise SpecError(f"pipeline.{key}: sets {letters} ({kinds[0].name}), which no arm's flow uses "
+                                f"(flows: {flows}); drop the block or use {letters} in a flow")
 
 
 def make_plan(spec: StudySpec) -> Plan:
-    """Arms, seeds, shared prefixes and epoch counts; validates every arm's run spec."""
+    """Arms, seeds, shared prefixes and epoch counts; validates every arm's run spec.
+
+    A study's own phase kinds (`phase_kinds`) are registered first; their modules are found in the
+    search folders (`dsdtune.registry.add_search_paths`, which the command line sets to the study
+    file's folder and the current directory)."""
+    if spec.phase_kinds:
+        from ..phases import register_study_kinds
+        register_study_kinds(spec.phase_kinds)
     for path in list(spec.search.space) + [p for v in (spec.variants or {}).values() for p in v]:
         if path.split(".")[0] not in ("task", "init", "pipeline"):
             raise SpecError(f"search.space.{path}: searched fields live under task., init. or pipeline.")

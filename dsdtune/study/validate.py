@@ -128,6 +128,17 @@ def check_tasks(plan: Plan) -> None:
             cost_key = model_cost_key(task)
             if cost_key not in plan.model_costs:  # measured once per model and data, shipped to the trials
                 plan.model_costs[cost_key] = pipeline.measure().as_dict()
+        check_phase_steps(run, datasets[data_key].num_train)
+
+
+def check_phase_steps(run: RunSpec, num_train: int) -> None:
+    """Each kind's checks that need the task's steps per epoch (a RigL update that never comes, a rewind
+    point beyond the first phase), for every arm: arms that share a task are built only once."""
+    from ..phases import expand_phases, kind_of, steps_per_epoch
+    phases = expand_phases(run.pipeline, run.init)
+    per_epoch = steps_per_epoch(num_train, run.task.batch_size)
+    for phase in phases:
+        kind_of(phase.kind).check_steps(phase, phases, per_epoch)
 
 
 def _build_once(run: RunSpec, data):
