@@ -125,6 +125,19 @@ def test_the_console_and_the_trackers_import_no_ray():
     assert out.stdout.strip() == "[]"
 
 
+def test_hparams_list_every_factor_of_the_study_and_every_seed():
+    from dsdtune.config import load_study
+    from dsdtune.study.tracking import hparam_domains
+    sweep = load_study(TINY, ['variants={a: {}, b: {pipeline.lr: [0.1, 0.01, 0.001]}}'])
+    factors = {"variant=a, pipeline.sparsity=0.0": {"variant": "a", "pipeline.sparsity": 0.0},
+               "variant=b, pipeline.sparsity=0.5": {"variant": "b", "pipeline.sparsity": 0.5}}
+    assert hparam_domains(sweep, factors) == {"variant": ["a", "b"], "pipeline.sparsity": [0.0, 0.5], "seed": [0, 1]}
+    # an Optuna study: a sampled axis has no value list; the confirm stage's control and seeds are listed
+    search = load_study(Path(__file__).parent / "studies" / "tiny_optuna.yaml")
+    assert hparam_domains(search, {}) == {"pipeline.lr.1": None, "pipeline.sparsity": [0.0],
+                                          "seed": [0, 1000, 1001, 1002]}
+
+
 def test_run_folders_are_the_trial_names_one_per_trial(tmp_path):
     from dsdtune.study.tracking import run_dir
     first = run_dir(tmp_path, "s/search/pipeline.lr.1=0.01, x=a/b/seed=3", "t1")

@@ -75,7 +75,7 @@ def _tensorboard(console: StudyConsole, stage: str, label_of: Callable, params_o
             path = tracking.run_dir(root, label_of(trial.config), trial.trial_id)
             writer = self._summary_writer_cls(str(path), flush_secs=30)
             writer.file_writer.add_summary(records.experiment())
-            writer.file_writer.add_summary(records.session_start(tracking.hparams(params_of(trial.config)), time.time()))
+            writer.file_writer.add_summary(records.session_start(params_of(trial.config), time.time()))
             self._trial_writer[trial], self._trial_result[trial] = writer, {}
 
         def log_trial_result(self, iteration, trial, result):

@@ -31,7 +31,6 @@ _NEEDS = {"mlflow": "mlflow", "tensorboard": "tensorboardX", "wandb": "wandb"}
 EPOCH_METRICS = ("phase", "lr", "sparsity", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")
 # TensorBoard's HParams table shows the first five metrics of its list unless asked for more.
 HPARAMS_METRICS = ("val_acc", "test_acc", "val_loss", "test_loss", "sparsity", "train_loss")
-NOT_HPARAMS = ("study", "stage", "arm", "prefix_id")  # a run's params that name it rather than vary
 _OFFLINE_MODES = ("offline", "disabled", "dryrun")
 
 
@@ -125,11 +124,6 @@ def hparams_metrics(metric: str) -> list[str]:
     return list(dict.fromkeys([metric, *HPARAMS_METRICS]))
 
 
-def hparams(params: dict) -> dict:
-    """A run's params as HParams: the factors and the seed."""
-    return {k: v for k, v in params.items() if k not in NOT_HPARAMS}
-
-
 def hparam_domains(spec, factors_by_label: dict[str, dict]) -> dict[str, Optional[list]]:
     """Every factor the study varies and the seed, with its values where the study enumerates them.
 
@@ -218,11 +212,12 @@ class HParams:
             datasets.get(m.split("_")[0], "DATASET_UNKNOWN"))) for m in self.metrics]
         return self._summary(experiment=Experiment(hparam_infos=infos, metric_infos=metrics))
 
-    def session_start(self, values: dict, start_time_secs: float):
+    def session_start(self, params: dict, start_time_secs: float):
+        """A run's values of the study's factors and seed (of all its params)."""
         from tensorboardX.proto.plugin_hparams_pb2 import SessionStartInfo
         info = SessionStartInfo(start_time_secs=start_time_secs)  # no group: one row per run, seeds apart
-        for name, value in values.items():
-            if value is None:
+        for name, value in params.items():
+            if name not in self.domains or value is None:
                 continue
             value = self._plain(name, value)
             field = "bool_value" if isinstance(value, bool) else "number_value" if isinstance(value, float) else "string_value"
