@@ -18,6 +18,7 @@ from dsdtune.study.progress import StageProgress, arm_label, trial_label
 from dsdtune.study.tracking import check_tracking, epoch_metrics, mlflow_tracking_uri
 
 TINY12 = Path(__file__).parent / "studies" / "tiny12.yaml"
+TINY = Path(__file__).parent / "studies" / "tiny.yaml"
 
 
 def _trial(tid, config, status="PENDING"):
@@ -79,8 +80,8 @@ def test_stage_progress_renders_live_with_rich():
 
 
 def test_unknown_or_missing_tracker_is_one_line_saying_what_to_install(monkeypatch):
-    with pytest.raises(SpecError, match="allowed: mlflow, tensorboard"):
-        check_tracking(["wandb"])
+    with pytest.raises(SpecError, match="allowed: mlflow, tensorboard, wandb"):
+        check_tracking(["neptune"])
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
@@ -88,12 +89,64 @@ def test_unknown_or_missing_tracker_is_one_line_saying_what_to_install(monkeypat
         check_tracking(["tensorboard", "mlflow"])
 
 
-def test_missing_tracker_exits_2_before_ray(tmp_path, capsys):
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_missing_tracker_exits_2_before_ray_also_in_a_dry_run(tmp_path, capsys, monkeypatch, dry_run):
     from dsdtune.study import main
-    assert main([str(TINY12), "--results", str(tmp_path), "--log", "nonsense"]) == 2
+    assert main([str(TINY12), "--results", str(tmp_path), "--log", "nonsense", *dry_run]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--log nonsense" in err
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert main([str(TINY12), "--results", str(tmp_path), "--log", "wandb", *dry_run]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'dsdtune[tracking]'" in err and "wandb" in err
     assert not (tmp_path / "tiny12").exists() or not any((tmp_path / "tiny12").iterdir())
+
+
+def test_wandb_online_without_a_login_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    import dsdtune.study.tracking as tracking
+    from dsdtune.study import main
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(tracking, "_wandb_logged_in", lambda: False)
+    assert main([str(TINY12), "--results", str(tmp_path), "--log", "wandb", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "wandb login" in err and "WANDB_MODE=offline" in err
+    monkeypatch.setenv("WANDB_MODE", "offline")  # offline needs no login
+    assert main([str(TINY12), "--results", str(tmp_path), "--log", "wandb", "--dry-run"]) == 0
+
+
+def test_the_console_and_the_trackers_import_no_ray():
+    code = ("import sys, dsdtune.study.cli, dsdtune.study.progress, dsdtune.study.tracking; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.stdout.strip() == "[]"
+
+
+def test_hparams_list_every_factor_of_the_study_and_every_seed():
+    from dsdtune.config import load_study
+    from dsdtune.study.tracking import hparam_domains
+    sweep = load_study(TINY, ['variants={a: {}, b: {pipeline.lr: [0.1, 0.01, 0.001]}}'])
+    factors = {"variant=a, pipeline.sparsity=0.0": {"variant": "a", "pipeline.sparsity": 0.0},
+               "variant=b, pipeline.sparsity=0.5": {"variant": "b", "pipeline.sparsity": 0.5}}
+    assert hparam_domains(sweep, factors) == {"variant": ["a", "b"], "pipeline.sparsity": [0.0, 0.5], "seed": [0, 1]}
+    # an Optuna study: a sampled axis has no value list; the confirm stage's control and seeds are listed
+    search = load_study(Path(__file__).parent / "studies" / "tiny_optuna.yaml")
+    assert hparam_domains(search, {}) == {"pipeline.lr.1": None, "pipeline.sparsity": [0.0],
+                                          "seed": [0, 1000, 1001, 1002]}
+
+
+def test_run_folders_are_the_trial_names_one_per_trial(tmp_path):
+    from dsdtune.study.tracking import run_dir
+    first = run_dir(tmp_path, "s/search/pipeline.lr.1=0.01, x=a/b/seed=3", "t1")
+    assert first == tmp_path / "s" / "search" / "pipeline.lr.1=0.01, x=a" / "b" / "seed=3"
+    assert run_dir(tmp_path, "s/search/pipeline.lr.1=0.01, x=a/b/seed=3", "t1") == first  # a resumed trial
+    twin = run_dir(tmp_path, "s/search/pipeline.lr.1=0.01, x=a/b/seed=3", "t2")  # the same config suggested twice
+    assert twin == first.with_name("seed=3 (t2)")
+    assert run_dir(tmp_path, "s/x=../seed=0", "t3") == tmp_path / "s" / "x=.." / "seed=0"
+    assert run_dir(tmp_path, "s/../seed=0", "t4") == tmp_path / "s" / "_" / "seed=0"  # never outside the root
 
 
 def test_mlflow_store_is_the_users_uri_else_sqlite_in_the_results_folder(tmp_path, monkeypatch):
@@ -114,8 +167,6 @@ def test_epoch_metrics_keep_numbers_drop_bookkeeping():
 @pytest.fixture(scope="module")
 def tiny12_run(tmp_path_factory):
     """`python -m dsdtune.study tiny12 --log mlflow --log tensorboard`, with the state API polled meanwhile."""
-    pytest.importorskip("mlflow")
-    pytest.importorskip("tensorboardX")
     root = tmp_path_factory.mktemp("tiny12")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(Path(__file__).parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -170,56 +221,146 @@ def test_every_trial_is_named_in_the_dashboard(tiny12_run):
     assert len(set(started)) == 12
 
 
-def test_mlflow_gets_one_run_per_trial_with_per_epoch_metrics(tiny12_run):
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{tiny12_run.out / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tiny12")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
-    sweep = [r for r in runs if r.data.tags["stage"] == "sweep"]
-    assert len(runs) == len(sweep) == 12
-    assert len({r.info.run_name for r in sweep}) == 12
+@pytest.fixture
+def mlflow_server(tiny12_run):
+    """`mlflow server` on the study's store, on a free loopback port: the UI's backend, as a user starts it."""
+    import shutil
+    import socket
+    import requests
+    from drivers import wait_for
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    proc = subprocess.Popen([mlflow, "server", "--backend-store-uri", f"sqlite:///{tiny12_run.out / 'mlflow.db'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            return requests.get(f"{url}/health", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+    try:
+        wait_for(up, 120, "mlflow server")
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_mlflow_ui_server_shows_one_run_per_trial_with_per_epoch_metrics(tiny12_run, mlflow_server):
+    import requests
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "tiny12"}, timeout=30)
+    assert experiment.status_code == 200, experiment.text  # the server reads the store the study wrote
+    experiment_id = experiment.json()["experiment"]["experiment_id"]
+    runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment_id], "max_results": 100},
+                         timeout=30).json()["runs"]
+    assert len(runs) == 12 and len({r["info"]["run_name"] for r in runs}) == 12
     trials = pd.read_csv(tiny12_run.out / "trials.csv")
     firsts = []
-    for run in sweep:
-        params = run.data.params
-        assert params["study"] == "tiny12" and run.info.run_name == f"tiny12/{params['arm']}/seed={params['seed']}"
-        history = client.get_metric_history(run.info.run_id, "val_acc")
-        steps = [m.step for m in history]
+    for run in runs:
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["stage"] == "sweep" and params["study"] == "tiny12"
+        assert run["info"]["run_name"] == f"tiny12/{params['arm']}/seed={params['seed']}"
+        history = requests.get(f"{api}/metrics/get-history", timeout=30,
+                               params={"run_id": run["info"]["run_id"], "metric_key": "val_acc"}).json()["metrics"]
+        steps = [m["step"] for m in sorted(history, key=lambda m: m["step"])]
         # every epoch: from 1 for the trial that trained its seed's shared prefix (2 epochs), else after it
         assert steps in ([1, 2, 3, 4, 5], [3, 4, 5]), steps
         firsts.append(steps[0])
-        row = trials[(trials.stage == "sweep") & (trials.arm == params["arm"]) & (trials.seed == int(params["seed"]))]
-        assert history[-1].value == pytest.approx(row.final_val_acc.iloc[0])
+        row = trials[(trials.arm == params["arm"]) & (trials.seed == int(params["seed"]))]
+        assert max(history, key=lambda m: m["step"])["value"] == pytest.approx(row.final_val_acc.iloc[0])
         assert float(params["pipeline.sparsity"]) == row["pipeline.sparsity"].iloc[0]
-        assert run.info.status == "FINISHED"
+        assert run["info"]["status"] == "FINISHED"
     assert firsts.count(1) == 3  # one per seed
 
 
-def _scalars(event_file: Path) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] from a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+def test_tensorboard_runs_are_named_like_the_trials_with_their_hparams(tiny12_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+    root = tiny12_run.out / "tensorboard"
+    runs = sorted(str(p.parent.relative_to(root)) for p in root.glob("**/events.out.tfevents.*"))
+    trials = pd.read_csv(tiny12_run.out / "trials.csv")
+    assert runs == sorted(f"tiny12/{arm}/seed={seed}" for arm, seed in zip(trials.arm, trials.seed))
+    for run in runs:
+        events = EventAccumulator(str(root / run))
+        events.Reload()
+        val_acc = events.Scalars("val_acc")
+        assert [e.step for e in val_acc] in ([1, 2, 3, 4, 5], [3, 4, 5])  # as for MLflow
+        arm, seed = run.split("/")[1], int(run.split("=")[-1])
+        row = trials[(trials.arm == arm) & (trials.seed == seed)].iloc[0]
+        assert val_acc[-1].value == pytest.approx(row.final_val_acc, abs=1e-6)
+        assert {"train_loss", "val_loss", "test_acc", "sparsity", "lr"} <= set(events.Tags()["scalars"])
+        hparams = events.PluginTagToContent(metadata.PLUGIN_NAME)
+        experiment = metadata.parse_experiment_plugin_data(hparams[metadata.EXPERIMENT_TAG])
+        domains = {h.name: [v.number_value if v.HasField("number_value") else v.string_value
+                            for v in h.domain_discrete.values] for h in experiment.hparam_infos}
+        assert domains == {"pipeline.sparsity": [0.0, 0.25, 0.5, 0.75], "seed": ["0", "1", "2"]}
+        # the validation and test metrics first: the HParams table shows the first five
+        assert [m.name.tag for m in experiment.metric_infos][:4] == ["val_acc", "test_acc", "val_loss", "test_loss"]
+        start = metadata.parse_session_start_info_plugin_data(hparams[metadata.SESSION_START_INFO_TAG])
+        assert {k: v.number_value if v.HasField("number_value") else v.string_value
+                for k, v in start.hparams.items()} == {"pipeline.sparsity": row["pipeline.sparsity"], "seed": str(seed)}
+        end = metadata.parse_session_end_info_plugin_data(hparams[metadata.SESSION_END_INFO_TAG])
+        assert end.status == 1  # STATUS_SUCCESS
+
+
+def _wandb_records(path: Path):
+    """The records of a W&B run's transaction log (`run-<id>.wandb`, what `wandb sync` uploads): a
+    7-byte header, then LevelDB's log format (32 KiB blocks of checksum, length, type, payload)."""
     import struct
-    from tensorboardX.proto.event_pb2 import Event
-    data, scalars, at = event_file.read_bytes(), {}, 0
-    while at < len(data):
-        (length,) = struct.unpack("<Q", data[at:at + 8])
-        event = Event.FromString(data[at + 12:at + 12 + length])
-        at += 12 + length + 4
-        for value in event.summary.value:
-            if value.HasField("simple_value"):
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
+    from wandb.proto import wandb_internal_pb2
+    data, block, at, pending = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while at + 7 <= len(data):
+        if block - at % block < 7:  # a block's tail too short for a header is padding
+            at += block - at % block
+            continue
+        length, kind = struct.unpack("<HB", data[at + 4:at + 7])
+        pending += data[at + 7:at + 7 + length]
+        at += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            yield wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
 
 
-def test_tensorboard_event_files_hold_per_epoch_scalars(tiny12_run):
-    files = sorted((tiny12_run.out / "ray" / "sweep").glob("*/events.out.tfevents.*"))
-    assert len(files) == 12
-    trials = pd.read_csv(tiny12_run.out / "trials.csv").set_index("trial_id")
-    for path in files:
-        scalars = _scalars(path)
-        assert [step for step, _ in scalars["val_acc"]] in ([1, 2, 3, 4, 5], [3, 4, 5])  # as for MLflow
-        trial_id = json.loads((path.parent / "result.json").read_text().splitlines()[0])["trial_id"]
-        assert scalars["val_acc"][-1][1] == pytest.approx(trials.loc[trial_id, "final_val_acc"], abs=1e-6)
-        assert {"train_loss", "val_loss", "test_acc", "sparsity", "lr"} <= set(scalars)
+def test_wandb_logs_one_offline_run_per_trial(ray_local, tmp_path, monkeypatch):
+    # Ray's workers started without it: the logging actors must get the driver's W&B settings
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from dsdtune.study import main
+    args = [str(TINY), "--results", str(tmp_path), "--no-report", "--log", "wandb",
+            "--set", "seeds=1", "--set", "pipeline.epochs=[1, 1, 1]"]
+    assert main(args) == 0
+    out = tmp_path / "tiny"
+    trials = pd.read_csv(out / "trials.csv").set_index("trial_id")
+    history = pd.read_csv(out / "history.csv")
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == len(trials) == 2
+    firsts = []
+    for run in runs:
+        records = list(_wandb_records(next(run.glob("run-*.wandb"))))
+        (info,) = [r.run for r in records if r.HasField("run")]
+        row = trials.loc[info.run_id]
+        assert info.display_name == f"tiny/{row.arm}/seed={row.seed}" and info.run_group == f"tiny/{row.arm}"
+        assert (info.project, info.job_type) == ("tiny", "sweep")
+        config = {item.key: json.loads(item.value_json) for item in info.config.update}
+        assert config["pipeline.sparsity"] == row["pipeline.sparsity"] and config["seed"] == row.seed
+        logged = {}
+        for record in records:
+            if record.HasField("history"):
+                items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+                logged[record.history.step.num] = items["val_acc"]
+        expected = history[history.trial_id == info.run_id].set_index("epoch").val_acc
+        assert list(logged) in ([1, 2, 3], [2, 3])  # W&B's step is the epoch; the prefix's are its trainer's
+        assert list(logged.values()) == pytest.approx(list(expected[list(logged)]))
+        firsts.append(min(logged))
+    assert sorted(firsts) == [1, 2]
 
 
 def test_load_results_round_trips_the_studys_files(tiny12_run):

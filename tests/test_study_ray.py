@@ -198,6 +198,45 @@ def test_optuna_search_then_best_config_beside_control(ray_local, tmp_path):
     assert full[chosen] == full.max()  # ties (40 validation samples) may pick any of the best
     comparisons = pd.read_csv(out / "comparisons.csv")
     assert (comparisons[comparisons.family == "vs_control"].test == "paired_t").all()
+    # the search is an Optuna study on disk (what optuna-dashboard opens): one trial per suggestion
+    import optuna
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
+    assert optuna.get_all_study_names(storage) == ["tiny_optuna"]
+    stored = optuna.load_study(study_name="tiny_optuna", storage=storage).trials
+    assert len(stored) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in stored)
+    history = pd.read_csv(out / "history.csv")
+    for trial in stored:
+        (row,) = search[search["pipeline.lr.1"] == trial.params["pipeline.lr.1"]].itertuples()
+        assert trial.value == row.final_val_acc  # the metric it ended with (stopped ones: where ASHA stopped them)
+        epochs = history[(history.trial_id == row.trial_id) & (history.epoch > 3)]  # after the shared prefix
+        assert trial.intermediate_values == dict(zip(epochs.epoch, epochs.val_acc))
+
+
+def test_a_restored_search_continues_its_optuna_study_and_fails_the_orphans(tmp_path):
+    """What Tune's restore does to the searcher (no Ray needed): it reloads the last snapshot."""
+    import optuna
+    from dsdtune.study.search import make_searcher, open_journal
+    spec = load_study(Path(__file__).parent / "studies" / "tiny_optuna.yaml")
+    journal = tmp_path / "optuna.journal"
+    searcher = make_searcher(spec, open_journal(journal, fresh=True))
+    first = searcher.suggest("a")
+    assert set(first) == {"assign"} and 0.0001 <= first["assign"]["pipeline.lr.1"] <= 0.05
+    searcher.suggest("b")
+    searcher.on_trial_complete("a", {"val_acc": 0.5, "epoch": 4})
+    searcher.save(tmp_path / "searcher.pkl")  # Tune's snapshot
+    searcher.suggest("c")  # asked after the snapshot: Tune, restored, will never run it
+    restored = make_searcher(spec, open_journal(journal, fresh=False))
+    restored.restore(tmp_path / "searcher.pkl")
+    restored.on_trial_result("b", {"val_acc": 0.25, "epoch": 4})
+    restored.on_trial_complete("b", {"val_acc": 0.75, "epoch": 5})
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    assert optuna.get_all_study_names(storage) == ["tiny_optuna"]  # the same study, not a second one
+    trials = optuna.load_study(study_name="tiny_optuna", storage=storage).trials
+    states = optuna.trial.TrialState
+    assert [(t.state, t.value, t.intermediate_values) for t in trials] == [
+        (states.COMPLETE, 0.5, {4: 0.5}), (states.COMPLETE, 0.75, {4: 0.25, 5: 0.75}), (states.FAIL, None, {})]
+    # a search stage that starts anew starts a new study
+    assert optuna.get_all_study_names(open_journal(journal, fresh=True)) == []
 
 
 def test_a_diverged_prefix_marks_its_trials_instead_of_seeding_them(ray_local, tmp_path):

@@ -54,7 +54,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own tables and logs (default: in ray.log)")
     parser.add_argument("--log", action="append", default=[], metavar="TRACKER",
-                        help="also log every trial to mlflow or tensorboard (repeatable; pip install 'dsdtune[tracking]')")
+                        help="also log every trial to mlflow, tensorboard or wandb (repeatable; "
+                        "pip install 'dsdtune[tracking]')")
     args = parser.parse_args(argv)
     if not args.list and not args.study:
         parser.error("name a study (see --list)")
@@ -75,6 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_OK
     lock = None
     try:
+        check_tracking(args.log)  # also before --dry-run: the plan a dry run approves must run
         spec = load_study(args.study, args.set)
         # A user's model / dataset modules are imported from the study file's folder and the cwd.
         registry.add_search_paths(registry.study_search_paths(resolve_study_path(args.study)))
@@ -88,7 +90,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(describe_tasks(plan))
             return EXIT_OK
         check_gpu(spec, args.address)
-        check_tracking(args.log)
         ray_state = Path(ray_storage) if "://" not in ray_storage else None
         has_state = ray_state is not None and holds_ray_state(ray_state)
         if has_state and not (args.resume or args.fresh):

@@ -6,7 +6,8 @@ On a terminal it is a live `rich` display; otherwise (a pipe, a CI log) one plai
 seconds, less often as the stage goes on. Ray's progress tables, its Python logs and the trials'
 own output go to `ray.log` in the study's results folder instead (`--verbose` brings them back).
 
-Imported only once Ray runs (it subclasses `ray.tune.Callback`).
+Nothing here imports Ray: `StageProgress` has the hooks of a Tune callback and `callbacks.py`
+makes it one; the console hooks Ray's worker-output dispatcher only once Ray runs (`connected`).
 """
 from __future__ import annotations
 
@@ -19,10 +20,6 @@ import time
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, TextIO
-
-# Ray reads RAY_AUTH_MODE once, when imported: the same default as `run.connect`, set before that.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-from ray.tune import Callback  # noqa: E402
 
 PLAIN_INTERVAL_S = 5.0
 MAX_ARMS_SHOWN = 12
@@ -65,8 +62,8 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-class StageProgress(Callback):
-    """Ray Tune callback that keeps a stage's counts and renders them (live, or as plain lines).
+class StageProgress:
+    """A stage's counts, rendered live or as plain lines, fed through Tune's callback hooks.
 
     `epochs_of(config) -> (epoch the trial starts after, epoch it ends at)` comes from the plan, so
     that "epochs done of total" and the ETA count what this stage trains (not a shared prefix).
@@ -258,7 +255,8 @@ class RayLogFile:
         self._dispatcher = self._printer = None
 
     def open(self) -> None:
-        # Ray installed its console handler when imported (above); it is replaced here.
+        # Ray installs its console handler when imported (the command line imports run.py first);
+        # it is replaced here.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._stream = open(self.path, "a", buffering=1)
         self._handler = logging.StreamHandler(self._stream)
@@ -276,7 +274,7 @@ class RayLogFile:
 
     def _showwarning(self, message, category, filename, lineno, file=None, line=None):
         path = str(filename).replace("\\", "/")
-        if any(f"/{name}/" in path for name in self.loggers + ("sqlalchemy", "tensorboardX")):
+        if any(f"/{name}/" in path for name in self.loggers + ("sqlalchemy", "tensorboardX", "optuna")):
             self._stream.write(warnings.formatwarning(message, category, filename, lineno, line))
         else:
             self._saved_showwarning(message, category, filename, lineno, file, line)
@@ -351,8 +349,12 @@ class StudyConsole:
         self.spec, self.results_dir, self.verbose, self.log = spec, Path(results_dir), verbose, tuple(log)
         self.factors_by_label = factors_by_label or {}
         self.out = out or sys.stdout
-        self.log_file = RayLogFile(self.results_dir / "ray.log",
-                                   ("ray", "mlflow", "alembic") if "mlflow" in self.log else ("ray",))
+        # The Python loggers that also go to the file: Ray's, the trackers', Optuna's.
+        trackers = {"mlflow": ("mlflow", "alembic"), "wandb": ("wandb",)}
+        loggers = ("ray",) + sum((trackers.get(choice, ()) for choice in self.log), ())
+        if spec.search.algorithm == "optuna":
+            loggers += ("optuna",)
+        self.log_file = RayLogFile(self.results_dir / "ray.log", loggers)
 
     @property
     def ray_verbosity(self) -> int:
@@ -365,8 +367,11 @@ class StudyConsole:
             # classic reporter is silent at 0.
             self._saved_output_env = os.environ.get("RAY_AIR_NEW_OUTPUT")
             os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+            # These install their console handlers on import; ours replace them.
             if "mlflow" in self.log:
-                import mlflow  # noqa: F401  (it installs its console handler on import; ours replaces it)
+                import mlflow  # noqa: F401
+            if "optuna" in self.log_file.loggers:
+                import optuna  # noqa: F401
             self.log_file.open()
             print(f"dsdtune: Ray's own output goes to {self.log_file.path} (--verbose shows it here)",
                   file=self.out, flush=True)
@@ -426,25 +431,3 @@ class StudyConsole:
     def label_of(self, payload: dict, stage: str):
         study, seeds = self.spec.name, list(payload["seeds"])  # shipped to the trials: nothing of self
         return lambda config: trial_label(study, stage, config, seeds)
-
-    def name_trials(self, trainable, stage: str, payload: dict):
-        """The trainable as a class whose actors name their trial in Ray's dashboard."""
-        from .dashboard import named_trainable
-        return named_trainable(trainable, self.label_of(payload, stage))
-
-    def callbacks(self, name: str, stage: str, *, payload: dict, prefix_length: int,
-                  param_space: dict, tune_extra: Optional[dict] = None, planned_epochs: Optional[int] = None) -> list:
-        """The progress display of this stage, and the trackers the user asked for."""
-        total = int((tune_extra or {}).get("num_samples", 1))
-        for value in param_space.values():
-            if isinstance(value, dict) and "grid_search" in value:
-                total *= len(value["grid_search"])
-        progress = StageProgress(name, total_trials=total, epochs_of=self.epochs_of(payload, stage, prefix_length),
-                                 metric=self.spec.metric, mode=self.spec.mode,
-                                 arm_of=lambda config: arm_label(stage, config), out=self.out,
-                                 live=False if self.verbose else None, planned_epochs=planned_epochs)
-        from .tracking import tracking_callbacks
-        return [progress] + tracking_callbacks(list(self.log), study=self.spec.name, stage=stage,
-                                               results_dir=self.results_dir, metric=self.spec.metric,
-                                               label_of=self.label_of(payload, stage),
-                                               params_of=self.params_of(payload, stage))

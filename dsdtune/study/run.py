@@ -1,4 +1,5 @@
-"""The Ray stages of a study (the only module of `dsdtune.study` that imports Ray).
+"""The Ray stages of a study: with the modules only it imports (`callbacks`, `dashboard`, `search`),
+the only part of `dsdtune.study` that imports Ray.
 
 A grid or random study is one Tuner, `sweep`: every (arm, seed) is a trial. Trials that share a
 prefix (e.g. the dense baseline of a seed) wait for it, not for each other: one of them, the
@@ -34,6 +35,8 @@ from ray.tune.search import Searcher  # noqa: E402
 from .. import registry
 from ..config import StudySpec
 from ..trainable import prefix_stored, run_trial
+from .callbacks import stage_callbacks
+from .dashboard import named_trainable
 from .progress import active_console
 from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, Arm, Plan, confirm_arms, plan_for_arms
 
@@ -229,10 +232,10 @@ def _run_tuner(name: str, ray_storage: str, payload: dict, spec: StudySpec, plan
     callbacks = [StopOnSignal(), JsonLoggerCallback()]
     console = active_console()
     if console is not None:  # progress display, trial names in the dashboard, trackers (--log)
-        trainable = console.name_trials(trainable, name, payload)
-        callbacks += console.callbacks(name, name, payload=payload, prefix_length=plan.prefix_length,
-                                       param_space=param_space or {}, tune_extra=tune_config,
-                                       planned_epochs=plan.epochs_with_sharing if plan.arms else None)
+        trainable = named_trainable(trainable, console.label_of(payload, name))
+        callbacks += stage_callbacks(console, name, payload=payload, prefix_length=plan.prefix_length,
+                                     param_space=param_space or {}, tune_extra=tune_config,
+                                     planned_epochs=plan.epochs_with_sharing if plan.arms else None)
     path = f"{ray_storage.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=param_space)
@@ -295,26 +298,23 @@ def _prefix_stage(spec: StudySpec, plan: Plan, ray_storage: str, resume: bool, s
                       stop_after_prefix=True)
 
 
+def optuna_journal(ray_storage: str) -> Optional[Path]:
+    """Where an Optuna search keeps its study: beside Ray's state in the results folder (the driver's)."""
+    from .search import JOURNAL
+    if "://" not in ray_storage:
+        return Path(ray_storage).parent / JOURNAL
+    console = active_console()  # Ray's state is remote (a cluster's); the results folder is still local
+    return console.results_dir / JOURNAL if console is not None else None
+
+
 def optuna_stages(spec: StudySpec, plan: Plan, ray_storage: str, resume: bool, signals: SignalState):
     """Optuna TPE (with ASHA if asked) over the space, then the best config and control on fresh seeds.
 
     Returns {stage: results}, the best config (or None) and the confirm stage's seeds.
     """
-    from ray import tune
     from ray.tune.search import Repeater
-    from ray.tune.search.optuna import OptunaSearch
-    import optuna
+    from .search import make_searcher, open_journal  # optuna: imported by the studies that use it
 
-    space = {}
-    for path, axis in spec.search.space.items():
-        if axis.kind in ("grid", "choice"):
-            space[path] = tune.choice(axis.grid if axis.grid is not None else axis.choice)
-        elif axis.kind == "uniform":
-            space[path] = tune.uniform(*axis.uniform)
-        elif axis.kind == "loguniform":
-            space[path] = tune.loguniform(*axis.loguniform)
-        else:
-            space[path] = tune.randint(axis.int[0], axis.int[1] + 1)
     stages = {STAGE_PREFIX: _prefix_stage(spec, plan, ray_storage, resume, signals)}
     payload = _study_payload(spec, plan, [Arm("base", {}, {})], ray_storage, str(signals.stop_file))
     prefix_of_seed = {seed: pid for pid, (_, seed) in plan.prefixes.items()}
@@ -323,12 +323,15 @@ def optuna_stages(spec: StudySpec, plan: Plan, ray_storage: str, resume: bool, s
         if pid and not prefix_stored(payload["prefix_root"], pid):
             diverged = result.error is None and (result.metrics or {}).get("status") == "diverged"
             payload.setdefault("failed_prefixes", {})[pid] = "prefix_diverged" if diverged else "prefix_error"
-    searcher = OptunaSearch(metric=spec.metric, mode=spec.mode,
-                            sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
-    param_space = {"assign": space, "role": "dependent" if plan.prefixes else "solo"}
-    if len(plan.seeds) > 1:
-        searcher = Repeater(searcher, repeat=len(plan.seeds), set_index=True)
-    else:
+    # The searcher suggests each trial's `assign`; a restored stage brings back its own (and its study).
+    restoring = resume and tune.Tuner.can_restore(f"{ray_storage.rstrip('/')}/{STAGE_SEARCH}")
+    journal, searcher = optuna_journal(ray_storage), None
+    if not restoring:
+        searcher = make_searcher(spec, open_journal(journal, fresh=True) if journal else None)
+        if len(plan.seeds) > 1:
+            searcher = Repeater(searcher, repeat=len(plan.seeds), set_index=True)
+    param_space = {"role": "dependent" if plan.prefixes else "solo"}
+    if len(plan.seeds) == 1:
         param_space["seed"] = plan.seeds[0]
     extra = {"search_alg": searcher, "num_samples": spec.search.num_samples * len(plan.seeds),
              "metric": spec.metric, "mode": spec.mode}
@@ -337,6 +340,8 @@ def optuna_stages(spec: StudySpec, plan: Plan, ray_storage: str, resume: bool, s
         total = max(plan.epochs_per_trial.values())
         extra["scheduler"] = ASHAScheduler(time_attr="epoch", max_t=total, grace_period=spec.scheduler.grace_period,
                                            reduction_factor=spec.scheduler.reduction_factor)
+    if journal:
+        print(f"dsdtune: the search's Optuna study: optuna-dashboard {journal}", flush=True)
     stages[STAGE_SEARCH] = _run_tuner(STAGE_SEARCH, ray_storage, payload, spec, plan, resume, signals,
                                       param_space=param_space, tune_config=extra)
     best = best_assignment(stages[STAGE_SEARCH], spec)
