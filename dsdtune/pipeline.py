@@ -66,17 +66,17 @@ def prefix_id(spec: RunSpec, length: int) -> str:
     Everything that shapes those phases goes in: task, init, seed, the phases' settings and the
     pipeline options that decide which weights are prunable (they set the optimizer's groups).
     """
-    pipe = spec.pipeline
+    pipeline_spec = spec.pipeline
     key = {
         "task": spec.task.model_dump(), "init": spec.init.model_dump(), "seed": spec.seed,
-        "phases": [asdict(p) for p in expand_phases(pipe, spec.init)[:length]],
-        "exclude_first": resolve_exclude_first(pipe), "exclude": pipe.exclude,
-        "weight_histograms": pipe.weight_histograms,
+        "phases": [asdict(p) for p in expand_phases(pipeline_spec, spec.init)[:length]],
+        "exclude_first": resolve_exclude_first(pipeline_spec), "exclude": pipeline_spec.exclude,
+        "weight_histograms": pipeline_spec.weight_histograms,
     }
-    if pipe.diagnostics:  # they add metrics, so a prefix with them is a different state to restore
-        key.update({"diagnostics": pipe.diagnostics, "jacobian_samples": pipe.jacobian_samples})
+    if pipeline_spec.diagnostics:  # they add metrics, so a prefix with them is a different state to restore
+        key.update({"diagnostics": pipeline_spec.diagnostics, "jacobian_samples": pipeline_spec.jacobian_samples})
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{pipe.flow[:length]}-s{spec.seed}-{digest}"
+    return f"{pipeline_spec.flow[:length]}-s{spec.seed}-{digest}"
 
 
 @dataclass
@@ -119,9 +119,9 @@ class Pipeline:
         for phase in self.phases:
             kind_of(phase.kind).check_steps(phase, self.phases, self.steps_per_epoch)
         self.snapshot_points = sorted(set(flow_snapshots(self.phases)) | {tuple(p) for p in snapshots})
-        pipe = self.spec.pipeline
-        self.exclude_first = resolve_exclude_first(pipe)
-        self.prunable = prunable_weights(self.model, exclude_first=self.exclude_first, exclude=pipe.exclude)
+        self.exclude_first = resolve_exclude_first(self.spec.pipeline)
+        self.prunable = prunable_weights(self.model, exclude_first=self.exclude_first,
+                                         exclude=self.spec.pipeline.exclude)
         if not self.prunable:
             raise SpecError(f"task.model: {task.model!r} has no prunable layers once the first layer and "
                             f"pipeline.exclude are left out")

@@ -164,12 +164,12 @@ class TrialReporter:
         self.unreported: list[dict] = []  # the epochs since the last report
         self.last_report = self.last_checkpoint = time.monotonic()
 
-    def on_epoch(self, metrics: dict, pipe: Pipeline) -> None:
+    def on_epoch(self, metrics: dict, pipeline: Pipeline) -> None:
         self.unreported.append(dict(metrics))
-        finished = pipe.status == "diverged" or pipe.phase_index > self.last_phase
-        report = self.report(metrics, pipe, finished)
-        self.set_gauges(metrics, pipe, report)
-        at_boundary = pipe.epoch_in_phase == 0  # a phase just ended
+        finished = pipeline.status == "diverged" or pipeline.phase_index > self.last_phase
+        report = self.report(metrics, pipeline, finished)
+        self.set_gauges(metrics, pipeline, report)
+        at_boundary = pipeline.epoch_in_phase == 0  # a phase just ended
         checkpoint_due = time.monotonic() - self.last_checkpoint >= self.study["checkpoint_every_s"]
         stop_file = self.study.get("stop_file") or ""
         stop_requested = bool(stop_file) and os.path.exists(stop_file)  # the driver is stopping the study
@@ -179,57 +179,57 @@ class TrialReporter:
         report["history_json"] = json.dumps(self.unreported)
         self.unreported.clear()
         self.last_report = time.monotonic()
-        if at_boundary and pipe.phase_index == self.prefix_phases:
-            self.store_prefix(pipe, report)
-        if (at_boundary or checkpoint_due or finished or stop_requested) and pipe.status != "diverged":
-            self.checkpoint(pipe, report, finished)
+        if at_boundary and pipeline.phase_index == self.prefix_phases:
+            self.store_prefix(pipeline, report)
+        if (at_boundary or checkpoint_due or finished or stop_requested) and pipeline.status != "diverged":
+            self.checkpoint(pipeline, report, finished)
         else:
             tune.report(report)
 
-    def report(self, metrics: dict, pipe: Pipeline, finished: bool) -> dict:
-        report = {**metrics, **pipe.phase_end, **self.extras}
+    def report(self, metrics: dict, pipeline: Pipeline, finished: bool) -> dict:
+        report = {**metrics, **pipeline.phase_end, **self.extras}
         # The trial itself says when it is done: "running" in the last row means a scheduler stopped it.
-        report["status"] = "ok" if finished and pipe.status != "diverged" else pipe.status
-        report["epochs_trained"] = pipe.global_epoch  # the whole flow, its shared prefix included
+        report["status"] = "ok" if finished and pipeline.status != "diverged" else pipeline.status
+        report["epochs_trained"] = pipeline.global_epoch  # the whole flow, its shared prefix included
         if finished:
-            report.update(self.final_fields(pipe))
+            report.update(self.final_fields(pipeline))
         if report.get(self.metric) is None or report[self.metric] != report[self.metric]:
             report[self.metric] = _worst(self.study)  # NaN breaks schedulers
         return report
 
-    def final_fields(self, pipe: Pipeline) -> dict:
-        fields = {"layer_densities_json": json.dumps(pipe.layer_densities),
-                  "weight_histograms_json": json.dumps(pipe.histograms),
-                  "phase_layer_densities_json": json.dumps(pipe.extra.get("phase_layer_densities", {})),
-                  "extra_json": json.dumps({k: v for k, v in pipe.extra.items()
+    def final_fields(self, pipeline: Pipeline) -> dict:
+        fields = {"layer_densities_json": json.dumps(pipeline.layer_densities),
+                  "weight_histograms_json": json.dumps(pipeline.histograms),
+                  "phase_layer_densities_json": json.dumps(pipeline.extra.get("phase_layer_densities", {})),
+                  "extra_json": json.dumps({k: v for k, v in pipeline.extra.items()
                                             if k not in ("phase_layer_densities", "phase_costs")}, default=str)}
-        if pipe.status != "diverged":
+        if pipeline.status != "diverged":
             known = self.study.get("model_costs", {}).get(model_cost_key(self.spec.task))
-            cost = pipe.cost(ModelCost.from_dict(known) if known else None)
+            cost = pipeline.cost(ModelCost.from_dict(known) if known else None)
             fields.update(cost.as_row())
         return fields
 
-    def set_gauges(self, metrics: dict, pipe: Pipeline, report: dict) -> None:
+    def set_gauges(self, metrics: dict, pipeline: Pipeline, report: dict) -> None:
         gauges = _gauges()
-        gauges["epoch"].set(pipe.global_epoch, tags=self.tags)
+        gauges["epoch"].set(pipeline.global_epoch, tags=self.tags)
         gauges["phase"].set(metrics["phase"], tags=self.tags)
         if metrics.get("sparsity") == metrics.get("sparsity"):
             gauges["sparsity"].set(metrics["sparsity"], tags=self.tags)
         gauges["val_metric"].set(report[self.metric], tags=self.tags)
 
-    def store_prefix(self, pipe: Pipeline, report: dict) -> None:
+    def store_prefix(self, pipeline: Pipeline, report: dict) -> None:
         """The shared prefix, before the report that says so (dependents start from it once they read it)."""
         root = self.study["prefix_root"]
-        if self.prefix and pipe.status != "diverged" and not prefix_stored(root, self.prefix):
-            store_prefix(root, self.prefix, pipe.state_dict())
+        if self.prefix and pipeline.status != "diverged" and not prefix_stored(root, self.prefix):
+            store_prefix(root, self.prefix, pipeline.state_dict())
             report["prefix_stored"] = self.prefix
 
-    def checkpoint(self, pipe: Pipeline, report: dict, finished: bool) -> None:
+    def checkpoint(self, pipeline: Pipeline, report: dict, finished: bool) -> None:
         directory = tempfile.mkdtemp(prefix="dsdtune-ckpt-")  # fresh for every checkpoint
         try:
-            torch.save(pipe.state_dict(), os.path.join(directory, STATE_FILE))
+            torch.save(pipeline.state_dict(), os.path.join(directory, STATE_FILE))
             if finished:  # the trial's final masks (its nonzero pattern), 1 bit per weight
-                save_masks(nonzero_masks(pipe.prunable), os.path.join(directory, MASKS_FILE))
+                save_masks(nonzero_masks(pipeline.prunable), os.path.join(directory, MASKS_FILE))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
         finally:  # report() has persisted it, or a scheduler stopped the trial inside report()
             shutil.rmtree(directory, ignore_errors=True)
