@@ -396,8 +396,9 @@ class StudyConsole:
 
     # ---- per stage (the closures below go into Tune's pickled state: they hold nothing of self) ----
     def epochs_of(self, payload: dict, stage: str, prefix_length: int):
-        from ..pipeline import expand_phases
+        from ..phases import expand_phases
         cache: dict[str, tuple[int, int]] = {}
+        lengths = payload.get("prefix_lengths", {})  # per arm: the leading phases it shares
 
         def span(config: dict) -> tuple[int, int]:
             import json
@@ -405,11 +406,12 @@ class StudyConsole:
             if key not in cache:
                 _, run = _run_of(payload, config)
                 epochs = [p.epochs for p in expand_phases(run.pipeline, run.init)]
+                shared = lengths.get(config.get("arm"), prefix_length)
                 if stage == "prefix":
-                    cache[key] = (0, sum(epochs[:prefix_length]))
+                    cache[key] = (0, sum(epochs[:shared]))
                 else:  # a dependent trial starts from its stored prefix
-                    restored = config.get("role") == "dependent" and prefix_length > 0
-                    cache[key] = (sum(epochs[:prefix_length]) if restored else 0, sum(epochs))
+                    restored = config.get("role") == "dependent" and shared > 0
+                    cache[key] = (sum(epochs[:shared]) if restored else 0, sum(epochs))
             return cache[key]
         return span
 
