@@ -62,7 +62,8 @@ class PhaseContext(Protocol):
     `init_masks` (a sparse init's), `phase`, `steps_per_epoch`, `total_steps` (of the phase), `extra`
     (a dict reported with the trial's results; kinds write their own keys).
     Change: `set_masks`, `release_masks`, `mask_grads` / `mask_weights` (the per-step mask application,
-    a no-op when nothing is masked), `reset_optimizer`, `load_weights`.
+    a no-op when nothing is masked; `mask_hooks()` gives both bound to the masks of now, for a phase
+    whose masks stay fixed), `reset_optimizer`, `load_weights`.
     Randomness: `generator(stream)` is the phase's own generator for `stream` (derived from the trial's
     seed and the phase index, never the data order's).
     """
@@ -79,6 +80,7 @@ class PhaseContext(Protocol):
 
     def set_masks(self, masks: Masks) -> None: ...
     def release_masks(self) -> None: ...
+    def mask_hooks(self) -> dict[str, Callable[[int], None]]: ...
     def mask_grads(self, step: int = 0) -> None: ...
     def mask_weights(self, step: int = 0) -> None: ...
     def reset_optimizer(self) -> None: ...
@@ -148,10 +150,11 @@ class PhaseState:
 
 
 class MaskedState(PhaseState):
-    """A phase trained under the bound masks: gradients masked before and weights after every step."""
+    """A phase trained under masks fixed for the phase: gradients masked before and weights after every
+    step (no hooks at all when every weight is kept, as in the fine-tune control)."""
 
     def hooks(self):
-        return {"before_step": self.ctx.mask_grads, "after_step": self.ctx.mask_weights}
+        return self.ctx.mask_hooks()
 
 
 class PhaseKind:
