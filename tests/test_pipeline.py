@@ -79,8 +79,8 @@ def test_without_remasking_weight_decay_leaks():
     pipe.run(stop_after_phase=0)
     pipe._start_phase(pipe.phases[1])
     pruned = {n: m == 0 for n, m in pipe.masks.items()}
-    pipe.applier.apply_to_weights = lambda: None
-    pipe.applier.apply_to_grads = lambda: None
+    pipe.applier.apply_to_weights = lambda step=0: None
+    pipe.applier.apply_to_grads = lambda step=0: None
     pipe.run(stop_after_phase=1)
     assert any((w[pruned[n]] != 0).any() for n, w in pipe.prunable.items())
 
