@@ -545,7 +545,7 @@ def _timm_weights(timm, name: str) -> Optional[str]:
     if cfg.file or not cfg.hf_hub_id or cfg.custom_load:
         return None
     import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     repo, _, revision = cfg.hf_hub_id.partition("@")
     files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
