@@ -307,3 +307,17 @@ def test_a_factory_returning_the_wrong_class_count_is_told_so(factories, capsys,
     err = refused([study_file(factories, model="ufactories:forwarding", model_args={"classes": 3})], capsys)
     assert err == ("dsdtune: task.model: ufactories:forwarding returns [2, 3] for a batch of shape [2, 3, 32, 32]; "
                    "it must return logits of shape [2, 2] (batch, classes)")
+
+
+def test_the_zoo_example_dry_runs_on_its_generated_images(tmp_path, capsys):
+    """examples/zoo as the README runs it, on a few of its images: make_images.py, then the study's plan."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent / "examples" / "zoo"
+    subprocess.run([sys.executable, str(root / "make_images.py"), "--out", str(tmp_path), "--train", "4", "--val", "2"],
+                   check=True, capture_output=True)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["disk", "ring", "square"]
+    assert Image.open(next((tmp_path / "val" / "ring").iterdir())).size == (48, 48)
+    assert main([str(root / "study.yaml"), "--dry-run", "--set", f"task.data_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "task timm:resnet10t on imagefolder (11 training samples of shape [3, 48, 48], 3 classes, streamed):" in out
+    assert "14 of 15 layer weights prunable: 4,917,504 of 4,918,152 weights (648 stay dense)" in out
