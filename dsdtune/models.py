@@ -525,7 +525,8 @@ def _timm_model(name: str, input_shape: Sequence[int], num_classes: int, pretrai
         raise SpecError(f"task.model_args.pretrained: true or false, got {pretrained!r}")
     if pretrained:
         overlay = dict(model_args.pop("pretrained_cfg_overlay", None) or {})
-        weights = _timm_weights(timm, name) if not overlay.get("file") else None
+        own_source = any(overlay.get(key) for key in ("file", "url", "hf_hub_id", "state_dict"))
+        weights = None if own_source else _timm_weights(timm, name)  # the user's own source: timm reads it
         if weights is not None:
             overlay["file"] = weights
         model_args.update(pretrained=True, pretrained_cfg_overlay=overlay)
