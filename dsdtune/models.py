@@ -1,9 +1,11 @@
 """Models: the registry `MODELS` and `build_model(name, input_shape, num_classes, **model_args)`.
 
 A name is a built-in (below), `torchvision:<name>` (with `weights` in model_args for pretrained
-tensors), a name given to `register_model` (`dsdtune.register_model`), or a user's `module:function`
-(resolved by `dsdtune.registry`). Input shape and class count come from the dataset. Every model keeps
-its own initialization (PyTorch defaults, or He init where the original paper used it): that is the
+tensors), `timm:<name>` (timm's `create_model`, with `pretrained: true` for its weights; the `[zoo]`
+extra), a name given to `register_model` (`dsdtune.register_model`), or a user's `module:function`
+(resolved by `dsdtune.registry`). Input shape and class count come from the dataset, and a factory
+gets them only as the parameters it names (`build_model`'s adapter rule). Every model keeps its own
+initialization (PyTorch defaults, or He init where the original paper used it): that is the
 "base" init that sparse init schemes mask or replace, unless `init.checkpoint` loads trained weights
 (`dsdtune.sparsity.checkpoint`). The first prunable layer is always the first one registered, so
 `prunable_weights(exclude_first=True)` leaves the input layer dense.
@@ -13,10 +15,13 @@ entry in `BUILTIN_MODELS`.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
+import logging
 import math
 import os
+import re
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -442,45 +447,212 @@ def _torchvision_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
                         f"{os.path.basename(chosen.url)} into {cache}") from None
 
 
-MODELS = Registry("model", "task.model", BUILTIN_MODELS, shown=list(BUILTIN_MODELS) + [f"{TORCHVISION_PREFIX}<name>"],
-                  prefixes={TORCHVISION_PREFIX: lambda name: functools.partial(_torchvision_model, name)})
+# ---------------------------------------------------------------------------------------------
+# timm (pytorch-image-models), the `[zoo]` extra
+
+TIMM_PREFIX = "timm:"
+_TIMM_INSTALL = "pip install 'dsdtune[zoo]' (or pip install timm)"
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise SpecError(f"task.model: timm models need the timm package; {_TIMM_INSTALL}") from None
+    return timm
+
+
+def _timm_factory(name: str) -> Callable[..., nn.Module]:
+    """What `timm:<name>` stands for; a name timm does not know is a one-line SpecError, found at lookup.
+
+    `timm:create_model` is timm's own entry point: the model's name then comes as model_args.model_name.
+    """
+    if name == "create_model":
+        return _timm_model_named
+    _check_timm_name(name, "task.model", TIMM_PREFIX)
+    return functools.partial(_timm_model, name)
+
+
+def _check_timm_name(name: str, field: str, prefix: str) -> None:
+    """A timm architecture, optionally with a pretrained tag (`resnet10t.c3_in1k`); else close matches."""
+    timm = _timm()
+    if timm.is_model(name):
+        if "." not in name:
+            return
+        try:  # the tag must be one of the architecture's
+            timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+            return
+        except RuntimeError:
+            pass
+    known = timm.list_models(pretrained=True) if "." in name else timm.list_models() + ["create_model"]
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    suggest = f"; close matches: {', '.join(prefix + c for c in close)}" if close else ""
+    stem = re.match(r"[a-z]+", name.lower())
+    family = timm.list_models(f"*{stem.group()}*", pretrained="." in name) if stem else []
+    more = (f"; timm.list_models('*{stem.group()}*'{', pretrained=True' if '.' in name else ''}) lists "
+            f"{len(family)} like it" if family else "; timm.list_models() lists them")
+    raise SpecError(f"{field}: {prefix + name!r} is not a timm model{suggest}{more}")
+
+
+def _timm_model_named(input_shape: Sequence[int], num_classes: int, model_name: Optional[str] = None,
+                      **model_args: Any) -> nn.Module:
+    """`timm:create_model` with model_args.model_name: the same as `timm:<model_name>`."""
+    if not isinstance(model_name, str):
+        raise SpecError("task.model_args.model_name: timm:create_model needs the model's name in "
+                        "task.model_args.model_name, e.g. resnet10t; or write task.model: timm:resnet10t")
+    _check_timm_name(model_name, "task.model_args.model_name", "")
+    return _timm_model(model_name, input_shape, num_classes, **model_args)
+
+
+def _timm_model(name: str, input_shape: Sequence[int], num_classes: int, pretrained: bool = False,
+                **model_args: Any) -> nn.Module:
+    """`timm.create_model(name, num_classes=<the data's>, in_chans=<the images' channels>, **model_args)`.
+
+    With `pretrained: true` the weights are read from the Hugging Face cache where timm keeps them
+    (downloaded there once if they are missing and the machine is online). A class count or channel
+    count other than the weights' gets timm's own adaptation (a fresh classifier head; the first conv
+    summed or repeated over channels).
+    """
+    timm = _timm()
+    if len(input_shape) != 3:
+        raise SpecError(f"task.model: {TIMM_PREFIX}{name} needs image input (C, H, W); the dataset's samples have "
+                        f"shape {tuple(input_shape)}")
+    channels = int(input_shape[0])
+    if "in_chans" in model_args and model_args.pop("in_chans") != channels:
+        raise SpecError(f"task.model_args.in_chans: the dataset's images have {channels} channel"
+                        f"{'s' if channels != 1 else ''}; leave in_chans out (dsdtune passes the data's)")
+    if not isinstance(pretrained, bool):
+        raise SpecError(f"task.model_args.pretrained: true or false, got {pretrained!r}")
+    if pretrained:
+        overlay = dict(model_args.pop("pretrained_cfg_overlay", None) or {})
+        own_source = any(overlay.get(key) for key in ("file", "url", "hf_hub_id", "state_dict"))
+        weights = None if own_source else _timm_weights(timm, name)  # the user's own source: timm reads it
+        if weights is not None:
+            overlay["file"] = weights
+        model_args.update(pretrained=True, pretrained_cfg_overlay=overlay)
+    return timm.create_model(name, num_classes=num_classes, in_chans=channels, **model_args)
+
+
+def _timm_weights(timm, name: str) -> Optional[str]:
+    """The local file of `name`'s pretrained weights (from the Hugging Face cache, downloading once).
+
+    Given to timm as the weights' file, so that no trial asks the Hub again (offline, every request
+    would wait through its retries first). None where timm loads the weights its own way.
+    """
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise SpecError(f"task.model_args.pretrained: {TIMM_PREFIX}{name} has no pretrained weights; drop pretrained, "
+                        f"or pick a model that has some (timm.list_models(pretrained=True))")
+    if cfg.file or not cfg.hf_hub_id or cfg.custom_load:
+        return None
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    for filename in files:
+        cached = huggingface_hub.try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(cached, str):
+            return cached
+    cache = huggingface_hub.constants.HF_HUB_CACHE
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # offline, every retry would log a warning: the one line below says it
+    try:
+        for filename in files:
+            try:
+                return huggingface_hub.hf_hub_download(repo, filename, revision=revision or None)
+            except LocalEntryNotFoundError:
+                raise  # not cached and the Hub unreachable: no other file will do better
+            except EntryNotFoundError:
+                continue  # the repository has the other format
+        raise FileNotFoundError(f"none of {files} in {repo}")
+    except Exception as err:
+        raise SpecError(f"task.model_args.pretrained: the weights of {TIMM_PREFIX}{name} (Hugging Face repo {repo}) "
+                        f"are not in {cache} and could not be downloaded ({type(err).__name__}); run once with "
+                        f"internet, or copy {_hub_folder(repo)} there from a machine that has it (HF_HUB_CACHE "
+                        f"or HF_HOME move the cache)") from None
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _hub_folder(repo: str) -> str:
+    return "models--" + repo.replace("/", "--")
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry and the adapter
+
+MODELS = Registry("model", "task.model", BUILTIN_MODELS,
+                  shown=list(BUILTIN_MODELS) + [f"{TORCHVISION_PREFIX}<name>", f"{TIMM_PREFIX}<name>"],
+                  prefixes={TORCHVISION_PREFIX: lambda name: functools.partial(_torchvision_model, name),
+                            TIMM_PREFIX: _timm_factory})
 
 
 def register_model(name: str, factory: Optional[Callable] = None):
     """Make `factory(input_shape=..., num_classes=..., **model_args) -> nn.Module` usable as task.model: name.
 
     Works as a call or a decorator (`@register_model("tiny")`). Registered models travel to Ray workers
-    with the study (functions defined in a notebook or script are shipped by value).
+    with the study (functions defined in a notebook or script are shipped by value). The factory gets
+    input_shape and num_classes only if it has parameters of those names (see `build_model`).
     """
     return MODELS.register(name, factory)
 
 
 def model_factory(name: str) -> Callable[..., nn.Module]:
-    """The factory a task.model name stands for: built-in, torchvision:<name>, registered, or an import path."""
+    """The factory a task.model name stands for: built-in, torchvision:<name>, timm:<name>, registered, or an
+    import path."""
     return MODELS.lookup(name)
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, **model_args: Any) -> nn.Module:
-    """Build a registered model, `torchvision:<name>` or a user's `module:function` for `input_shape`.
+_FROM_DATA = {"input_shape": "one sample's shape", "num_classes": "class count"}
 
-    Every factory is called as `factory(input_shape=..., num_classes=..., **model_args)`. Unknown names
-    and unknown model_args raise ValueError (SpecError) naming the allowed values.
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, /, **model_args: Any) -> nn.Module:
+    """Build `name` (built-in, `torchvision:<name>`, `timm:<name>`, registered or `module:function`) for the data.
+
+    The adapter rule: the factory is called with `model_args` as keyword arguments, plus `input_shape=`
+    and `num_classes=` (from the data) for each that it names as a parameter - never through `**kwargs`,
+    which would hand them to whatever the factory forwards its keywords to (timm.create_model passes them
+    to the network's constructor). model_args may give input_shape or num_classes themselves only with
+    the data's values. Mistakes are one-line SpecErrors (ValueErrors) naming the field.
     """
     input_shape = tuple(int(s) for s in input_shape)
+    data = {"input_shape": input_shape, "num_classes": int(num_classes)}
+    for key, value in data.items():
+        if key in model_args and not _same_value(model_args[key], value):
+            raise SpecError(f"task.model_args.{key}: {model_args[key]!r}, but the data's {_FROM_DATA[key]} is "
+                            f"{value!r}; leave {key} out (dsdtune passes the data's to a factory that takes it)")
     builder = model_factory(name)
-    parameters = inspect.signature(builder).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    if not takes_any:
-        for needed in ("input_shape", "num_classes"):
-            if needed not in parameters:
-                raise SpecError(f"task.model: {name!r} must accept input_shape= and num_classes= keyword arguments")
-        allowed_args = [p for p in parameters if p not in ("input_shape", "num_classes")]
-        unknown = sorted(set(model_args) - set(allowed_args))
-        if unknown:
-            raise SpecError(
-                f"task.model_args: model {name!r} got unknown model_args {unknown}; allowed: {allowed_args or 'none'}"
-            )
-    model = builder(input_shape=input_shape, num_classes=num_classes, **model_args)
+    try:
+        parameters = inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # no signature (some C callables): pass everything, as documented
+        parameters = None
+    if parameters is None:
+        passed = {**data, **model_args}
+    else:
+        by_keyword = {p for p, v in parameters.items()
+                      if v.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        passed = {**{k: v for k, v in data.items() if k in by_keyword}, **model_args}
+        if not takes_any:
+            allowed = sorted(by_keyword - set(data))
+            unknown = sorted(set(model_args) - by_keyword)
+            if unknown:
+                raise SpecError(f"task.model_args: model {name!r} got unknown model_args {unknown}; allowed: "
+                                f"{allowed or 'none'}")
+        missing = [p for p, v in parameters.items() if v.default is inspect.Parameter.empty and p not in passed
+                   and v.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        if missing:
+            raise SpecError(f"task.model_args: model {name!r} needs {', '.join(missing)}, which has no default; "
+                            f"give it in task.model_args")
+    model = builder(**passed)
     if not isinstance(model, nn.Module):
         raise SpecError(f"task.model: {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _same_value(given: Any, expected: Any) -> bool:
+    if isinstance(expected, tuple):
+        return isinstance(given, (list, tuple)) and tuple(given) == expected
+    return isinstance(given, int) and not isinstance(given, bool) and given == expected

@@ -22,6 +22,7 @@ uploaded (`runtime_env`: Ray's `py_modules`). Imports nothing of dsdtune but `co
 from __future__ import annotations
 
 import collections.abc
+import difflib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -147,19 +148,22 @@ class Registry(collections.abc.Mapping):
         if target is None or not self.check(target):
             where = f"module {module_name!r} ({getattr(module, '__file__', None) or 'built in'})"
             kind = type(target).__name__
-            what = (f"has no {attr!r}" if target is None else
+            offered = self._offered(module)
+            close = difflib.get_close_matches(attr, offered, n=3) if target is None else []
+            what = (f"has no {attr!r}" + (f" (close: {', '.join(close)})" if close else "") if target is None else
                     f"has {attr!r}, {'an' if kind[0] in 'aeiouAEIOU' else 'a'} {kind}, not {self.expects}")
-            raise SpecError(f"{field}: {where} {what}; it defines: {self._defined(module)}")
+            raise SpecError(f"{field}: {where} {what}; it defines: {self._defined(offered)}")
         return target
 
-    def _defined(self, module) -> str:
+    def _offered(self, module) -> list[str]:
         """What `module` offers: its `__all__`, else its public values that pass `check` (re-exports included)."""
         declared = getattr(module, "__all__", None)
         if declared is not None:
-            names = sorted(str(n) for n in declared)
-        else:
-            names = sorted(n for n, v in vars(module).items() if not n.startswith("_") and self.check(v)
-                           and getattr(v, "__module__", None) not in _NOT_OFFERED)
+            return sorted(str(n) for n in declared)
+        return sorted(n for n, v in vars(module).items() if not n.startswith("_") and self.check(v)
+                      and getattr(v, "__module__", None) not in _NOT_OFFERED)
+
+    def _defined(self, names: list[str]) -> str:
         if not names:
             return f"nothing that is {self.expects}"
         listed = ", ".join(names[:_MAX_LISTED])

@@ -95,11 +95,13 @@ def test_import_paths_and_what_a_misspelt_attribute_lists(folder):
         assert "\n" not in text and text.startswith("task.thing: ")
         return text
 
-    assert message("uregall:nett").endswith("has no 'nett'; it defines: Other, net")
-    assert message("uregexp:nett").endswith("has no 'nett'; it defines: Linear, net")
+    assert message("uregall:nett").endswith("has no 'nett' (close: net); it defines: Other, net")
+    assert message("uregexp:nett").endswith("has no 'nett' (close: net); it defines: Linear, net")
     assert message("uregexp:WIDTH").endswith("has 'WIDTH', an int, not a callable; it defines: Linear, net")
     listed = message("uregmany:g").split("it defines: ")[1]
     assert listed == ", ".join(f"f{i:02d}" for i in range(20)) + ", ... (25 in all)"
+    # Close matches come from everything the module offers, also names beyond the listed 20.
+    assert "has no 'ff24' (close: f24" in message("uregmany:ff24")
     assert "no module 'uregnone'" in message("uregnone:net")
     assert "is not an import path" in message("ureg.:net")
 

@@ -155,8 +155,12 @@ def _build_once(run: RunSpec, data):
         build_model(task.model, data.input_shape, data.num_classes, **task.model_args)
     except SpecError:
         raise
-    except (TypeError, ValueError) as err:
-        raise SpecError(f"task.model_args: {_first_line(err)}") from None
+    except Exception as err:  # whatever a user's or zoo factory raises (timm: RuntimeError, KeyError...): one line
+        field = "task.model_args" if isinstance(err, (TypeError, ValueError)) else "task.model"
+        args = f" with model_args {json.dumps(task.model_args, default=str)}" if task.model_args else ""
+        message = _first_line(err)
+        raised = type(err).__name__ + (f": {message}" if message != type(err).__name__ else "")
+        raise SpecError(f"{field}: building {task.model}{args} raised {raised}") from None
     try:
         pipeline = Pipeline(run, dataset=data, device="cpu")
     except SpecError:
