@@ -201,8 +201,9 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def timing_arguments(description: str, cases: list[str]) -> argparse.ArgumentParser:
+    """The options every epoch-timing benchmark takes (bench_epoch.py, bench_methods.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1,
@@ -211,17 +212,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                         help="clock the verdict and the JSON use (auto: process CPU time on cpu, which a "
                              "shared machine's descheduling does not inflate; wall time on cuda)")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    args = parser.parse_args(argv)
+    parser.add_argument("--cases", nargs="+", choices=cases, default=cases)
+    return parser
+
+
+def timing_setup(args: argparse.Namespace) -> Optional[tuple[torch.device, str, str]]:
+    """(device, clock, where it runs) for the parsed options; None (after one line) without the GPU asked for."""
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no GPU is visible; run with --device cpu", file=sys.stderr)
-        return 2
+        return None
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     clock = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"cpu, {torch.get_num_threads()} thread(s)")
+    return device, clock, where
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = timing_arguments(__doc__.split("\n")[0], list(CASES)).parse_args(argv)
+    setup = timing_setup(args)
+    if setup is None:
+        return 2
+    device, clock, where = setup
     print(f"bench_epoch: torch {torch.__version__}, {where}, sparsity {SPARSITY}, "
           f"{'quick' if args.quick else 'full'} run; verdict on the {clock} clock")
 

@@ -14,7 +14,6 @@ Usage: `python benchmarks/bench_methods.py [--quick] [--device cpu|cuda]`; the l
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -22,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from bench_epoch import pipeline_epoch, quartiles, measure, synchronize  # noqa: F401  (same folder)
+from bench_epoch import measure, pipeline_epoch, quartiles, timing_arguments, timing_setup  # the same folder
 from dsdtune.data import load_dataset
 from dsdtune.pipeline import Pipeline
 
@@ -67,20 +66,11 @@ def prepare(task: dict, device: torch.device, epochs_per_block: int) -> tuple[di
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as a Ray trial)")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no GPU is visible; run with --device cpu", file=sys.stderr)
+    args = timing_arguments(__doc__.split("\n")[0], list(CASES)).parse_args(argv)
+    setup = timing_setup(args)
+    if setup is None:
         return 2
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    clock = "cpu" if device.type == "cpu" else "wall"
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
+    device, clock, where = setup
     print(f"bench_methods: torch {torch.__version__}, {where}, sparsity 0.9, every_steps {EVERY_STEPS}; "
           f"verdict on the {clock} clock")
     result: dict[str, dict[str, float]] = {}
