@@ -628,8 +628,9 @@ def _paths_relative_to(raw: dict, folder: Path) -> None:
         section, key = field.split(".")
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raw[section][key] = absolute(raw[section][key])
-    for variant in (raw.get("variants") or {}).values():
-        fix_assignments(variant)
+    if isinstance(raw.get("variants"), dict):  # anything else is refused by the spec's own types
+        for variant in raw["variants"].values():
+            fix_assignments(variant)
     fix_assignments(raw.get("control"))
     if isinstance(raw.get("confirm"), dict):
         fix_assignments(raw["confirm"].get("control"))

@@ -160,8 +160,13 @@ def check_tasks(plan: Plan) -> None:
                                                   **task.dataset_args)
             except DatasetUnavailable as err:
                 raise SpecError(f"task.dataset: {err}") from None
+            except SpecError:
+                raise
             except (TypeError, ValueError) as err:
                 raise SpecError(f"task.dataset_args: {_first_line(err)}") from None
+            except Exception as err:  # e.g. a negative size in dataset_args: say so before every trial does
+                raise SpecError(f"task.dataset_args: {task.dataset} fails with {task.dataset_args}: "
+                                f"{type(err).__name__}: {_first_line(err)}") from None
             _check_splits(task, datasets[data_key])
         build_key = json.dumps([data_key, task.model, task.model_args, task.augment, task.batch_size,
                                 run.init.model_dump(), run.pipeline.exclude_first, run.pipeline.exclude],
@@ -171,7 +176,11 @@ def check_tasks(plan: Plan) -> None:
             pipeline = _build_once(run, datasets[data_key])
             cost_key = model_cost_key(task)
             if cost_key not in plan.model_costs:  # measured once per model and data, shipped to the trials
-                plan.model_costs[cost_key] = pipeline.measure().as_dict()
+                try:
+                    plan.model_costs[cost_key] = pipeline.measure().as_dict()
+                except Exception as err:
+                    raise SpecError(f"task.model: the FLOPs of {task.model} on a batch of {task.dataset} cannot be "
+                                    f"counted: {type(err).__name__}: {_first_line(err)}") from None
 
 
 def _split_size(data, split: str) -> int:
@@ -204,11 +213,18 @@ def _build_once(run: RunSpec, data):
         raise SpecError(f"task.augment: true crops and flips images, but {task.dataset} samples have shape "
                         f"{tuple(data.input_shape)}; use augment: false")
     try:
-        build_model(task.model, data.input_shape, data.num_classes, **task.model_args)
+        model = build_model(task.model, data.input_shape, data.num_classes, **task.model_args)
     except SpecError:
         raise
     except (TypeError, ValueError) as err:
         raise SpecError(f"task.model_args: {_first_line(err)}") from None
+    except Exception as err:  # e.g. a negative width: say so before every trial does
+        raise SpecError(f"task.model_args: {task.model} cannot be built with {task.model_args}: "
+                        f"{type(err).__name__}: {_first_line(err)}") from None
+    empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
+    if empty is not None:  # a layer of width 0: nothing to train, prune or measure
+        raise SpecError(f"task.model_args: {task.model} with {task.model_args} has a parameter without entries "
+                        f"({empty}); give every layer a size > 0")
     try:
         pipeline = Pipeline(run, dataset=data, device="cpu")
     except SpecError:

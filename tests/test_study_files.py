@@ -1,0 +1,308 @@
+"""Property: any study file dry-runs cleanly or ends in one line on stderr with exit code 2.
+
+Never a traceback, never exit code 1, never a file under the results root or in the working directory.
+The files are the shipped studies (studies/*.yaml, examples/shapes/*.yaml, tests/studies/*.yaml), made
+small (synthetic data, short grids, a few seeds) so that a dry-run that passes is quick, then mutated:
+a key dropped, an unknown key added, a value replaced by a wrong type, an out-of-range number, NaN or
+infinity, an empty list or mapping, a line of the file duplicated or deleted (duplicate keys, broken
+indentation), odd YAML (a bare scalar, a list, nothing); and random study files built from the field
+names. `main` runs in-process, so each example costs a plan and one build per task, not an interpreter.
+"""
+from __future__ import annotations
+
+import atexit
+import copy
+import functools
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+from dsdtune.study import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted(ROOT.glob("studies/*.yaml")) + sorted(ROOT.glob("examples/shapes/*.yaml")) + \
+    sorted((ROOT / "tests" / "studies").glob("*.yaml"))
+WORK = Path(tempfile.mkdtemp(prefix="dsdtune-study-files-"))  # data cache and the shapes example's copy
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
+DATA = WORK / "data"
+SHAPES = WORK / "shapes"
+
+# Sizes a user's dataset/model/init functions take freely (dsdtune cannot bound them): never made large.
+FREE_FORM = ("dataset_args", "model_args", "options")
+
+
+def _small(tree: dict) -> dict:
+    """The same study on small data, short grids and a few seeds: its structure (every variant), not its cost."""
+    task = tree.setdefault("task", {})
+    dataset = task.get("dataset", "mnist1d")
+    if dataset == "mnist1d":
+        task.update(dataset="synthetic", dataset_args={"num_train": 200, "num_test": 50, "input_shape": [40],
+                                                       "num_classes": 10})
+    elif dataset == "cifar10":
+        task.update(dataset="synthetic", dataset_args={"num_train": 100, "num_test": 40, "input_shape": [3, 8, 8],
+                                                       "num_classes": 10})
+    elif dataset == "shapes_data:load":
+        task["dataset_args"] = {"num_train": 100, "num_test": 40}
+    args = task.get("model_args", {})
+    if "depth" in args:
+        args.update(depth=min(args["depth"], 4), width=min(args.get("width", 16), 16))
+    if "widths" in args:
+        args["widths"] = [min(w, 32) for w in args["widths"]]
+    task["model_args"] = args
+    task["data_dir"] = str(DATA)
+    task.pop("loader_workers", None)
+    options = (tree.get("init") or {}).get("options") or {}
+    if "ai_steps" in options:
+        options["ai_steps"] = 5
+    control = tree.get("control") or {}
+    for i, (path, axis) in enumerate(((tree.get("search") or {}).get("space") or {}).items()):
+        for key in ("grid", "choice"):
+            if key in axis:  # two values of the first axis; one of the others when variants multiply them
+                kept = axis[key][:2 if i == 0 or not tree.get("variants") else 1]
+                axis[key] = kept + [v for v in axis[key][2:] if path in control and v == control[path]]
+    searched = [v for axis in ((tree.get("search") or {}).get("space") or {}).values() for v in axis.get("grid", [])]
+    if "sign" in options and "grasp" not in searched:
+        del options["sign"]  # GraSP's option: refused once no arm is GraSP
+    seeds = tree.get("seeds", 3)
+    tree["seeds"] = min(seeds, 2) if isinstance(seeds, int) else seeds[:2]
+    if "search" in tree and "num_samples" in tree["search"]:
+        tree["search"]["num_samples"] = min(tree["search"]["num_samples"], 4)
+    return tree
+
+
+def _name(path: Path) -> str:
+    return f"{path.parent.name}/{path.stem}"
+
+
+@functools.cache
+def bases() -> dict[str, tuple[dict, Path]]:
+    """name -> (small study tree, folder it is written to: its own modules and files beside it)."""
+    shutil.copytree(ROOT / "examples" / "shapes", SHAPES, ignore=shutil.ignore_patterns("*.pt", "__pycache__"))
+    import sys
+    sys.path.insert(0, str(SHAPES))
+    try:
+        import torch
+        from shapes_net import small_cnn
+        torch.manual_seed(0)  # a trained model file for prune_trained (the file train_dense.py writes)
+        torch.save(small_cnn((3, 16, 16), 4, width=16).state_dict(), SHAPES / "trained.pt")
+    finally:
+        sys.path.remove(str(SHAPES))
+    return {_name(path): (_small(yaml.safe_load(path.read_text())), SHAPES if path.parent.name == "shapes" else WORK)
+            for path in SHIPPED}
+
+WRONG_TYPES = ["x", "", True, False, None, [], {}, [1, 2], {"a": 1}, 1, 0.5, "0.5", [None]]
+OUT_OF_RANGE = [-1, 0, -0.5, 1.0, 1.5, 2, 1000, 1e9, 1e-12, -1e9, 2 ** 63]
+NON_FINITE = [math.nan, math.inf, -math.inf]
+SMALL = [-1, 0, 1, 2, 64, 0.5, -0.5, math.nan, math.inf]  # the only numbers free-form args get
+FIELDS = ["name", "description", "task", "init", "pipeline", "search", "seeds", "metric", "mode", "test_metric",
+          "variants", "control", "confirm", "scheduler", "resources", "max_concurrent", "max_failures",
+          "checkpoint_every_s", "share_prefixes", "storage", "report", "dataset", "model", "batch_size",
+          "eval_batch_size", "augment", "val_fraction", "device", "stream", "density", "weights", "init_density",
+          "positions", "base", "control", "floors", "gain", "bias", "bias_std", "checkpoint", "flow", "epochs",
+          "lr", "lr_decay", "sparsity", "sparsity_decay", "criterion", "schedule", "optimizer", "momentum",
+          "nesterov", "weight_decay", "exclude_first", "exclude", "weight_histograms", "diagnostics",
+          "jacobian_samples", "gsm", "gradual", "dst", "rewind", "algorithm", "num_samples", "seed", "space",
+          "grid", "choice", "uniform", "loguniform", "int", "kind", "grace_period", "reduction_factor", "cpu", "gpu",
+          "first_seed", "margin", "pipeline.sparsity", "pipeline.lr", "pipeline.lr.1", "task.batch_size",
+          "init.density", "init.gain", "variant", "budget", "step", "every_steps", "end", "drop_fraction"]
+WORDS = ["grid", "optuna", "random", "asha", "none", "DSD", "S", "DG", "DMD", "DLD", "mlp", "conv1d", "synthetic",
+         "erk", "snip", "eoi", "ai", "orthogonal", "val_loss", "val_acc", "test_acc", "max", "min", "adam", "sgd",
+         "cosine", "zero", "normal", "global_magnitude", "cpu", "auto", "jacobian", "a"]
+
+
+def _paths(node, prefix=()):
+    """Every (path, value) of a tree, the root included."""
+    yield prefix, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, prefix + (key,))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _paths(value, prefix + (i,))
+
+
+def _set(tree, path, value):
+    node = tree
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+def _delete(tree, path):
+    node = tree
+    for key in path[:-1]:
+        node = node[key]
+    del node[path[-1]]
+
+
+leaves = st.one_of(st.none(), st.booleans(), st.integers(-3, 1000), st.floats(width=32),
+                   st.sampled_from(WORDS), st.text(max_size=4))
+values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) |
+                      st.dictionaries(st.sampled_from(FIELDS), inner, max_size=4), max_leaves=10)
+
+
+@st.composite
+def random_study(draw) -> str:
+    """A study file of known field names holding random values (data small, in the test's data folder)."""
+    tree = draw(st.dictionaries(st.sampled_from(FIELDS), values, max_size=6))
+    tree.setdefault("name", "random")
+    task = tree.get("task")
+    if isinstance(task, dict):  # a dataset that generates small data, unless the file says otherwise
+        task.setdefault("dataset", "synthetic")
+        task["dataset_args"] = {"num_train": 60, "num_test": 20}
+        task["data_dir"] = str(DATA)
+    else:
+        tree.setdefault("task", {"dataset": "synthetic", "dataset_args": {"num_train": 60, "num_test": 20},
+                                 "data_dir": str(DATA)})
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+@st.composite
+def mutated_study(draw) -> tuple[str, Path]:
+    """(YAML text, folder to write it to): a small shipped study with one to three mutations."""
+    name = draw(st.sampled_from(sorted(bases())))
+    tree, folder = bases()[name]
+    tree = copy.deepcopy(tree)
+    line_edits = []
+    for _ in range(draw(st.integers(1, 3))):
+        paths = [p for p, _ in _paths(tree)]
+        path = draw(st.sampled_from(paths))
+        free = any(k in FREE_FORM for k in path if isinstance(k, str))
+        what = draw(st.sampled_from(["drop", "unknown", "wrong_type", "out_of_range", "non_finite", "empty",
+                                     "duplicate_line", "delete_line"]))
+        if what in ("duplicate_line", "delete_line"):
+            line_edits.append((what, draw(st.integers(0, 10_000))))
+        elif not path:  # the root: odd YAML at the top
+            tree = draw(st.sampled_from([None, 42, "name", [tree], [], {}]))
+            break
+        elif what == "drop":
+            _delete(tree, path)
+        elif what == "unknown":
+            node = draw(st.sampled_from([n for _, n in _paths(tree) if isinstance(n, dict)] or [{}]))
+            node[draw(st.sampled_from(["bogus", "lrr", "seed", "flow", "0", "x.y"]))] = draw(values)
+        elif what == "wrong_type":
+            _set(tree, path, draw(st.sampled_from(WRONG_TYPES)))
+        elif what == "out_of_range":
+            _set(tree, path, draw(st.sampled_from(SMALL if free else OUT_OF_RANGE)))
+        elif what == "non_finite":
+            _set(tree, path, draw(st.sampled_from(NON_FINITE)))
+        else:
+            _set(tree, path, draw(st.sampled_from([[], {}])))
+    text = yaml.safe_dump(tree, sort_keys=False)
+    lines = text.splitlines(keepends=True)
+    for what, at in line_edits:
+        if lines:
+            i = at % len(lines)
+            lines[i:i + 1] = [lines[i], lines[i]] if what == "duplicate_line" else []
+    return "".join(lines), folder
+
+
+ODD_YAML = ["", "null\n", "42\n", "- a\n- b\n", "just words\n", "name: [unclosed\n", "{\n", "name: x\n  bad: 1\n",
+            "\t\n", "!!python/object/apply:os.getcwd []\n", "name: x\nseeds: *nowhere\n", "? [a, b]\n: 1\n",
+            "name: x\nname: y\n", "name: x\ntask: {model: mlp, model: conv1d}\n", "name: x\ntask:\n  - dataset\n",
+            "name: x\n'1': 2\n", "name: x\n1: 2\n", "name: x\nvariants: [a, b]\n", "name: x\nconfirm: 3\n",
+            "name: x\nsearch: {space: [1]}\n", "name: x\ncontrol: [a]\n", "name: x\nvariants: {a: 1}\n",
+            "name: x\nseeds: []\n", "name: x\nsearch: {space: {pipeline.lr: 3}}\n"]
+
+
+def dry_run(text: str, folder: Path, capsys) -> tuple[int, str]:
+    """Write the study beside `folder`'s files, dry-run it in-process, check the promise."""
+    study = Path(tempfile.mkstemp(suffix=".yaml", prefix="study-", dir=folder)[1])
+    cwd = Path(tempfile.mkdtemp(prefix="cwd-", dir=WORK))
+    results = cwd / "results"
+    before = os.getcwd()
+    try:
+        study.write_text(text, encoding="utf-8")
+        os.chdir(cwd)
+        code = main([str(study), "--dry-run", "--results", str(results)])
+    finally:
+        os.chdir(before)
+        study.unlink()
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert code in (0, 2), (code, err)
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1 and err.startswith("dsdtune: "), err
+    assert not results.exists() and not any(cwd.iterdir()), "a dry-run wrote files"
+    cwd.rmdir()
+    return code, err
+
+
+@pytest.mark.parametrize("name", [_name(p) for p in SHIPPED])
+def test_each_small_shipped_study_dry_runs(name, capsys):
+    """The unmutated bases pass (exit code 0): the mutations start from working studies."""
+    tree, folder = bases()[name]
+    code, err = dry_run(yaml.safe_dump(tree, sort_keys=False), folder, capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("text", ODD_YAML)
+def test_odd_yaml_is_one_line(text, capsys):
+    bases()
+    dry_run(text, WORK, capsys)
+
+
+def test_a_file_that_is_not_utf8_is_one_line(capsys):
+    bases()
+    study = WORK / "latin1.yaml"
+    study.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert main([str(study), "--dry-run", "--results", str(WORK / "results")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "UTF-8" in err, err
+
+
+FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SLOW = settings(FAST, max_examples=600)
+
+
+def _outcome(code: int, err: str) -> None:
+    """Hypothesis' statistics count the outcomes: exit 0, or exit 2 and the field the line names."""
+    if code != 2:
+        return event(f"exit {code}")
+    where, _, what = err.removeprefix("dsdtune: ").partition(": ")
+    if where.startswith("/"):  # the file itself: not YAML, not a mapping, a key twice
+        where = "the file: " + " ".join(what.split()[:3])
+    event(f"exit 2 ({where})")
+
+
+def _mutated(capsys, case):
+    text, folder = case
+    _outcome(*dry_run(text, folder, capsys))
+
+
+def _random(capsys, text):
+    _outcome(*dry_run(text, WORK, capsys))
+
+
+@FAST
+@given(case=mutated_study())
+def test_mutated_studies_dry_run_or_are_one_line(capsys, case):
+    _mutated(capsys, case)
+
+
+@FAST
+@given(text=random_study())
+def test_random_studies_dry_run_or_are_one_line(capsys, text):
+    _random(capsys, text)
+
+
+@pytest.mark.slow
+@SLOW
+@given(case=mutated_study())
+def test_mutated_studies_many(capsys, case):
+    _mutated(capsys, case)
+
+
+@pytest.mark.slow
+@SLOW
+@given(text=random_study())
+def test_random_studies_many(capsys, text):
+    _random(capsys, text)
