@@ -164,6 +164,84 @@ def random_study(draw) -> str:
     return yaml.safe_dump(tree, sort_keys=False)
 
 
+def _one(*choices):
+    """A field's plausible values, or now and then (1 in 16) anything."""
+    return st.integers(0, 15).flatmap(lambda i: leaves if i == 15 else st.sampled_from(choices))
+
+
+SMALL_MODELS = {"mlp": {"widths": [16]}, "deep_mlp": {"depth": 3, "width": 8}, "conv1d": {"channels": [4, 4]}}
+FLOWS = ("D", "DSD", "S", "SD", "DG", "DGD", "DM", "DMD", "DR", "DE", "DL", "DLD", "LD", "DSDSD", "X", "", "dsd")
+AXES = {  # searched path -> plausible values
+    "pipeline.sparsity": (0.0, 0.5, 0.9, 0, 1.0), "pipeline.lr": (0.1, 0.01, [0.1, None, None]),
+    "pipeline.lr.1": (0.01, 0.001), "task.batch_size": (16, 32, 0), "init.density": ("dense", "erk", "snip"),
+    "init.gain": (1.0, 2.0), "init.weights": ("base", "eoi"), "pipeline.criterion": ("global_magnitude", "random"),
+    "pipeline.flow": FLOWS[:8], "pipeline.optimizer": ("sgd", "adam"), "pipeline.nesterov": (True, False),
+    "init.bias": ("default", "zero"), "pipeline.exclude_first": (True, False), "task.model": tuple(SMALL_MODELS),
+    "pipeline.epochs": (1, 2, [1, 1, 1]), "pipeline.momentum": (0.0, 0.9), "init.init_density": (0.1, 0.5),
+}
+
+
+@st.composite
+def axis(draw, path):
+    kind = draw(st.sampled_from(["grid", "grid", "choice", "uniform", "loguniform", "int", "bogus"]))
+    if kind in ("grid", "choice"):
+        return {kind: draw(st.lists(_one(*AXES[path]), min_size=0, max_size=3))}
+    ends = draw(st.lists(st.one_of(st.integers(-2, 64), st.floats(-1, 2), st.floats(1e-4, 1.0)), min_size=2,
+                         max_size=3))
+    return {kind: ends}
+
+
+@st.composite
+def schema_study(draw) -> str:
+    """A study file field by field: known fields at plausible values (now and then anything), so that
+    the checks after the types (plan, control, search, tasks) are reached."""
+    model = draw(st.sampled_from(sorted(SMALL_MODELS)))
+    fields = {
+        "task": st.fixed_dictionaries({}, optional={
+            "batch_size": _one(16, 32, 50, 0), "val_fraction": _one(0.1, 0.2, 0.0, 0.5, 0.001),
+            "augment": _one(False, False, True), "stream": _one(False, True), "eval_batch_size": _one(64, 2),
+            "device": _one("cpu", "auto")}),
+        "init": st.fixed_dictionaries({}, optional={
+            "density": _one("dense", "dense", "dense", "uniform", "erk", "snip", "grasp", "synflow"), "weights": _one("base", "eoi", "ai"),
+            "init_density": _one(0.1, 0.5, 1.0, 0.0), "positions": _one("auto", "pruner", "random"),
+            "base": _one("default", "orthogonal"), "control": _one("none", "shuffle", "reinit"),
+            "floors": _one("eoi", "none"), "gain": _one(1.0, 2.0), "bias": _one("default", "zero", "normal"),
+            "bias_std": _one(0.0, 0.01), "options": _one({}, {"ai_steps": 2}, {"gian": 1})}),
+        "pipeline": st.fixed_dictionaries({}, optional={
+            "flow": _one(*FLOWS), "epochs": _one(1, 2, 0, [1, 1, 1], [1, 0, 1]), "lr": _one(0.1, [0.1, None, 0.01]),
+            "sparsity": _one(0.5, 0.0, 0.9, [0.5, 0.25]), "criterion": _one("global_magnitude", "layerwise_magnitude"),
+            "schedule": _one("constant", "cosine", "step"), "optimizer": _one("sgd", "adam", ["sgd", "adam", "sgd"]),
+            "momentum": _one(0.9, 0.0), "nesterov": _one(True, False, [False, True, False]),
+            "weight_decay": _one(0.0, 5e-4), "exclude_first": _one(True, False, None), "exclude": _one([], ["x"]),
+            "gsm": _one({}, {"momentum": 0.95}), "gradual": _one({}, {"every_steps": 2}),
+            "dst": _one({}, {"every_steps": 1}), "rewind": _one({}, {"step": 1}), "lr_decay": _one(0.1, 1.0),
+            "sparsity_decay": _one(1.0, 0.5)}),
+        "search": st.fixed_dictionaries({}, optional={
+            "algorithm": _one("grid", "random", "optuna"), "num_samples": _one(1, 2, 3),
+            "space": st.dictionaries(st.sampled_from(sorted(AXES)), st.just(None), max_size=2)}),
+        "seeds": _one(1, 2, [0, 1], [3], [1, 1]),
+        "metric": _one("val_acc", "val_loss"), "mode": _one("max", "min"),
+        "test_metric": _one("test_acc", "test_loss", "acc_after_D1", "acc_after_S1", "val_acc"),
+        "variants": st.dictionaries(st.sampled_from(["a", "b", "c"]), st.dictionaries(
+            st.sampled_from(sorted(AXES)), st.just(None), max_size=2), max_size=3),
+        "control": _one({"variant": "a"}, {"pipeline.sparsity": 0.0}, {"pipeline.sparsity": 0.3}, {}),
+        "confirm": _one({"seeds": 2, "control": {"pipeline.sparsity": 0.0}}, {"seeds": 2, "first_seed": 0}, {}),
+        "scheduler": _one({"kind": "asha", "grace_period": 1}, {"kind": "none"}),
+        "report": _one({"margin": 0.01}, {"margin": 1.0}), "share_prefixes": _one(True, False),
+    }
+    tree = draw(st.fixed_dictionaries({"name": st.just("schema")}, optional=fields))
+    for section in ("search", "variants"):  # fill the drawn paths with values of their own
+        node = tree.get(section)
+        if section == "search" and isinstance(node, dict) and isinstance(node.get("space"), dict):
+            node["space"] = {p: draw(axis(p)) for p in node["space"]}
+        if section == "variants" and isinstance(node, dict):
+            tree["variants"] = {name: {p: draw(_one(*AXES[p])) for p in assign} for name, assign in node.items()}
+    task = tree.setdefault("task", {})
+    task.update(dataset="synthetic", model=model, model_args=SMALL_MODELS[model], data_dir=str(DATA),
+                dataset_args={"num_train": 60, "num_test": 20, "input_shape": [12], "num_classes": 3})
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
 @st.composite
 def mutated_study(draw) -> tuple[str, Path]:
     """(YAML text, folder to write it to): a small shipped study with one to three mutations."""
@@ -288,9 +366,38 @@ def test_mutated_studies_dry_run_or_are_one_line(capsys, case):
     _mutated(capsys, case)
 
 
+def _task(**changes) -> str:
+    task = {"dataset": "synthetic", "dataset_args": {"num_train": 60, "num_test": 20, "input_shape": [12]},
+            "model": "mlp", "model_args": {"widths": [16]}, "data_dir": str(DATA)}
+    for key, value in changes.items():
+        task[key].update(value)
+    return yaml.safe_dump({"name": "regression", "task": task}, sort_keys=False)
+
+
 @FAST
 @given(text=random_study())
+# What the search found (each was a traceback): variants as a list (the path fixer called .values()), a
+# dataset or a model that fails on its args with a RuntimeError, a layer of width 0 (FLOP counting
+# divided by its size).
+@example(text="name: regression\nvariants: [a, b]\n")
+@example(text=_task(dataset_args={"input_shape": [-1]}))
+@example(text=_task(dataset_args={"num_train": -1}))
+@example(text=_task(model_args={"widths": [-1]}))
+@example(text=_task(model_args={"widths": [0]}))
 def test_random_studies_dry_run_or_are_one_line(capsys, text):
+    _random(capsys, text)
+
+
+@FAST
+@given(text=schema_study())
+def test_schema_studies_dry_run_or_are_one_line(capsys, text):
+    _random(capsys, text)
+
+
+@pytest.mark.slow
+@SLOW
+@given(text=schema_study())
+def test_schema_studies_many(capsys, text):
     _random(capsys, text)
 
 
