@@ -248,3 +248,25 @@ def test_checkpoint_with_an_init_that_overwrites_it_is_refused(tmp_path, capsys,
     for word in words:
         assert word in err, err
     assert not results.exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    # nesterov for the SGD arm of an optimizer grid; a gain for the EOI variant's weights
+    ["pipeline.nesterov=true", "search.space={pipeline.optimizer: {grid: [sgd, adam]}}", "control=null"],
+    ["pipeline.nesterov=[false, true, false]", "search.space={pipeline.optimizer: {grid: [sgd, adam]}}",
+     "control=null"],
+    ["pipeline.flow=SD", "pipeline.epochs=[2, 1]", "pipeline.lr=[0.05, 0.005]", "init.density=erk",
+     "init.init_density=0.5", "init.gain=1.5",
+     "variants={base: {}, eoi: {init.weights: eoi}}", "search.space={}", "control={variant: base}"],
+])
+def test_a_shared_setting_some_arm_uses_is_accepted(tmp_path, capsys, overrides):
+    args = [str(TINY), "--results", str(tmp_path / "r"), "--dry-run"] + sum((["--set", o] for o in overrides), [])
+    assert main(args) == 0, capsys.readouterr().err
+
+
+def test_a_setting_an_arm_sets_for_itself_must_change_it(tmp_path, capsys, no_ray):
+    args = [str(TINY), "--results", str(tmp_path / "r"), "--dry-run", "--set", "search.space={}", "--set",
+            "variants={sgd: {}, adam: {pipeline.optimizer: adam, pipeline.nesterov: true}}", "--set", "control=null"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "pipeline.nesterov: changes nothing in arm variant=adam" in err, err

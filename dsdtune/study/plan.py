@@ -218,27 +218,41 @@ def _unused_settings() -> list[tuple[str, Any, Any, str]]:
     ]
 
 
-def check_unused_settings(arms: list[Arm], runs: list) -> None:
-    """A setting that changes nothing is refused: one no arm that has it uses, one an arm sets for itself
-    (a variant or a searched value) and does not use, and a per-phase nesterov on a phase without SGD
-    momentum. Shared settings may be used by some arms only (nesterov for the SGD arms of an optimizer grid)."""
+def _sets(arm: Arm, path: str) -> bool:
+    return any(k == path or k.startswith(path + ".") for k in arm.assign)
+
+
+def check_unused_settings(arms: list[Arm], runs: list, own_only: bool = False) -> None:
+    """A setting that changes nothing is refused: one an arm sets for itself (a variant or a searched
+    value) and does not use, and one the study sets for all arms that none of them uses (a shared one
+    may serve some arms only: nesterov for the SGD arms of an optimizer grid). `own_only`: the first
+    kind only (a confirm control that changes what makes a shared setting useful)."""
     from ..phases import expand_phases
     phase_lists = [expand_phases(run.pipeline, run.init) for run in runs]
-    for run, phases in zip(runs, phase_lists):
+    # nesterov given per phase: per phase, by the same two rules
+    per_phase: dict[int, list[tuple[Arm, Any, bool]]] = {}
+    for arm, run, phases in zip(arms, runs, phase_lists):
         if isinstance(run.pipeline.nesterov, list):
             for p in phases:
-                if p.nesterov and not (p.optimizer == "sgd" and p.momentum > 0):
-                    why = f"uses {p.optimizer}" if p.optimizer != "sgd" else "has momentum 0"
-                    raise SpecError(f"pipeline.nesterov: is true for {p.label}, which {why}; Nesterov momentum is "
-                                    f"SGD's with momentum > 0, so set it false there")
+                if p.nesterov:
+                    per_phase.setdefault(p.index, []).append((arm, p, p.optimizer == "sgd" and p.momentum > 0))
+    for entries in per_phase.values():
+        bad = [(arm, p) for arm, p, useful in entries if not useful and _sets(arm, "pipeline.nesterov")]
+        if not bad and not own_only and not any(useful for _, _, useful in entries):
+            bad = [(arm, p) for arm, p, _ in entries]
+        if bad:
+            arm, p = bad[0]
+            why = f"uses {p.optimizer}" if p.optimizer != "sgd" else "has momentum 0"
+            raise SpecError(f"pipeline.nesterov: is true for {p.label}, which {why}"
+                            f"{' in arm ' + arm.label if arm.factors else ''}; Nesterov momentum is SGD's with "
+                            f"momentum > 0, so set it false there")
     for path, is_set, used, why in _unused_settings():
         having = [(arm, run, phases) for arm, run, phases in zip(arms, runs, phase_lists) if is_set(run, phases)]
         for arm, run, phases in having:
-            own = any(k == path or k.startswith(path + ".") for k in arm.assign)
-            if own and not used(run, phases):
+            if _sets(arm, path) and not used(run, phases):
                 raise SpecError(f"{path}: changes nothing in arm {arm.label}: "
                                 f"{why.format(flows='flow ' + run.pipeline.flow)}")
-        if having and not any(used(run, phases) for _, run, phases in having):
+        if having and not own_only and not any(used(run, phases) for _, run, phases in having):
             flows = sorted({run.pipeline.flow for _, run, _ in having})
             raise SpecError(f"{path}: changes nothing{' in any arm' if len(runs) > 1 else ''}: "
                             f"{why.format(flows=('flow ' if len(flows) == 1 else 'flows ') + ', '.join(flows))}")

@@ -107,7 +107,7 @@ def check_search(spec: StudySpec) -> None:
                     raise SpecError(f"confirm.control: {err}" if label == "confirm.control" else str(err)) from None
             check_confirm_control(spec)
             try:
-                check_unused_settings([arms[1]], runs[1:])
+                check_unused_settings([arms[1]], runs[1:], own_only=True)
             except SpecError as err:
                 raise SpecError(f"confirm.control: {err}") from None
     elif spec.scheduler.kind != "none":
