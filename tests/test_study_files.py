@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,7 @@ def _set(tree, path, value):
     node = tree
     for key in path[:-1]:
         node = node[key]
-    node[path[-1]] = value
+    node[path[-1]] = copy.deepcopy(value)  # never the pool's own list or mapping: a later mutation edits it
 
 
 def _delete(tree, path):
@@ -258,7 +259,7 @@ def mutated_study(draw) -> tuple[str, Path]:
         if what in ("duplicate_line", "delete_line"):
             line_edits.append((what, draw(st.integers(0, 10_000))))
         elif not path:  # the root: odd YAML at the top
-            tree = draw(st.sampled_from([None, 42, "name", [tree], [], {}]))
+            tree = copy.deepcopy(draw(st.sampled_from([None, 42, "name", [tree], [], {}])))
             break
         elif what == "drop":
             _delete(tree, path)
@@ -290,6 +291,14 @@ ODD_YAML = ["", "null\n", "42\n", "- a\n- b\n", "just words\n", "name: [unclosed
             "name: x\nseeds: []\n", "name: x\nsearch: {space: {pipeline.lr: 3}}\n"]
 
 
+def python_default_warning_filters() -> None:
+    """Python's own filters (pytest installs others): deprecations hidden, the rest shown once per place."""
+    warnings.resetwarnings()
+    warnings.simplefilter("default")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def dry_run(text: str, folder: Path, capsys) -> tuple[int, str]:
     """Write the study beside `folder`'s files, dry-run it in-process, check the promise."""
     study = Path(tempfile.mkstemp(suffix=".yaml", prefix="study-", dir=folder)[1])
@@ -299,7 +308,9 @@ def dry_run(text: str, folder: Path, capsys) -> tuple[int, str]:
     try:
         study.write_text(text, encoding="utf-8")
         os.chdir(cwd)
-        code = main([str(study), "--dry-run", "--results", str(results)])
+        with warnings.catch_warnings(record=True) as caught:
+            python_default_warning_filters()  # what a user's terminal would print
+            code = main([str(study), "--dry-run", "--results", str(results)])
     finally:
         os.chdir(before)
         study.unlink()
@@ -308,6 +319,7 @@ def dry_run(text: str, folder: Path, capsys) -> tuple[int, str]:
     assert code in (0, 2), (code, err)
     if code == 2:
         assert len(err.strip().splitlines()) == 1 and err.startswith("dsdtune: "), err
+        assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]  # lines above the one
     assert not results.exists() and not any(cwd.iterdir()), "a dry-run wrote files"
     cwd.rmdir()
     return code, err
@@ -334,6 +346,14 @@ def test_a_file_that_is_not_utf8_is_one_line(capsys):
     assert main([str(study), "--dry-run", "--results", str(WORK / "results")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "UTF-8" in err, err
+
+
+def test_a_user_dataset_whose_length_is_not_an_int_is_one_line(capsys):
+    """Found by the search: a streamed user Dataset with len() of .inf was a TypeError in the check."""
+    tree, folder = copy.deepcopy(bases()["shapes/study"])
+    tree["task"]["dataset_args"]["num_test"] = math.inf
+    code, err = dry_run(yaml.safe_dump(tree), folder, capsys)
+    assert code == 2 and "task.dataset: the test split of shapes_data:load has no length" in err, err
 
 
 FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None,

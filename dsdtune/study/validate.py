@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
 from ..config import RunSpec, SpecError, StudySpec, build_run_spec, same_value
-from .plan import Plan, grid_arms, check_unused_settings, confirm_arms
+from .plan import Plan, check_unused_settings, confirm_arms, grid_arms
 
 
 def check_storage(spec: StudySpec, results_root: Path) -> tuple[Path, str]:
@@ -141,8 +142,16 @@ def check_confirm_control(spec: StudySpec) -> None:
 def check_tasks(plan: Plan) -> None:
     """Build each distinct task of the plan's arms once on the CPU and push one batch through it.
 
-    Also downloads or generates each dataset here, once, before trials race for it.
+    Also downloads or generates each dataset here, once, before trials race for it. Warnings raised
+    on the way (torch's, a user's code's) are shown once the tasks pass: a task refused is one line.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        _check_tasks(plan)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+def _check_tasks(plan: Plan) -> None:
     from ..cost import model_cost_key
     from ..data import DatasetUnavailable, load_dataset
     from ..sparsity.init import check_options
@@ -183,21 +192,25 @@ def check_tasks(plan: Plan) -> None:
                                     f"counted: {type(err).__name__}: {_first_line(err)}") from None
 
 
-def _split_size(data, split: str) -> int:
-    if data.streaming:
+def _split_size(task, data, split: str) -> int:
+    if not data.streaming:
+        return int((data.val_y if split == "val" else data.test_y).shape[0])
+    try:  # a user's torch Dataset: its own __len__
         return len(data.val if split == "val" else data.test)
-    return int((data.val_y if split == "val" else data.test_y).shape[0])
+    except Exception as err:
+        raise SpecError(f"task.dataset: the {split} split of {task.dataset} has no length ({type(err).__name__}: "
+                        f"{_first_line(err)}); its Dataset's __len__ must return an int") from None
 
 
 def _check_splits(task, data) -> None:
     """A split of no samples scores nothing: the search would compare NaNs, the report no test metric."""
-    n_val = _split_size(data, "val")
+    n_val = _split_size(task, data, "val")
     if n_val == 0:
         total = data.num_train
         raise SpecError(f"task.val_fraction: the validation split of {task.dataset} is empty ({task.val_fraction:g} "
                         f"of {total} training samples rounds to none), so no configuration could be scored; raise "
                         f"task.val_fraction to at least {0.5 / max(total, 1):.2g} or use more samples")
-    if _split_size(data, "test") == 0:
+    if _split_size(task, data, "test") == 0:
         raise SpecError(f"task.dataset: {task.dataset} has an empty test split, so no trial could report a test "
                         f"metric; give it test samples")
 
