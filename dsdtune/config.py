@@ -512,6 +512,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise SpecError(f"--set {text!r}: expected key=value, e.g. --set pipeline.epochs=5")
     key, raw = text.split("=", 1)
+    if not all(key.strip().split(".")):
+        raise SpecError(f"--set {text!r}: {key.strip()!r} is not a dotted path of fields, e.g. pipeline.epochs")
     try:
         value = yaml.load(raw, Loader=StudyLoader) if raw.strip() else ""
     except DuplicateKeyError as err:

@@ -59,6 +59,8 @@ CASES = [
     ({}, ["name=."], ["name", "plain folder name"]),
     ({"name": ".hidden"}, [], ["name", "plain folder name"]),
     ({}, ["name=a/b"], ["name", "plain folder name"]),
+    ({}, ["=1"], ["--set '=1'", "dotted path"]),
+    ({}, ["pipeline..lr=1"], ["'pipeline..lr'", "dotted path"]),
     # a metric has one direction: val_acc is maximised, val_loss minimised
     ({}, ["metric=val_loss", "mode=max"], ["mode", "val_loss", "min"]),
     ({}, ["mode=min"], ["mode", "val_acc", "max"]),
