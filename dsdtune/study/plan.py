@@ -63,7 +63,7 @@ def _label(factors: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in factors.items()) or "base"
 
 
-def grid_arms(spec: StudySpec) -> list[Arm]:
+def _grid_arms(spec: StudySpec) -> list[Arm]:
     """Variants x grid axes (grid and choice) x pre-sampled random axes."""
     space = spec.search.space
     if spec.search.algorithm == "grid":
@@ -274,7 +274,7 @@ def make_plan(spec: StudySpec) -> Plan:
         if path.split(".")[0] not in ("task", "init", "pipeline"):
             raise SpecError(f"search.space.{path}: searched fields live under task., init. or pipeline.")
     if spec.search.algorithm != "optuna":
-        arms = grid_arms(spec)
+        arms = _grid_arms(spec)
         check_arm_labels(spec, arms)  # first: the plan keys arms by label
         plan = plan_for_arms(spec, arms)
         check_distinct_arms(arms, plan.runs)
