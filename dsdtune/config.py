@@ -106,6 +106,14 @@ class InitSpec(_Strict):
             raise ValueError("bias_std: bias normal needs bias_std > 0 (e.g. 0.00448)")
         if "gain" in self.options:
             raise ValueError("options: gain is now init.gain")
+        if self.checkpoint:  # anything that redraws weights or biases would overwrite the trained ones
+            redraws = [f"init.{name}: {getattr(self, name)}" for name, default in
+                       (("density", "dense"), ("weights", "base"), ("base", "default"), ("bias", "default"))
+                       if getattr(self, name) != default]
+            if redraws:
+                raise ValueError(f"checkpoint: starts from trained weights, which {redraws[0]} would overwrite; "
+                                 f"leave density, weights, base and bias at their defaults (dense, base, default, "
+                                 f"default) and prune the trained model with a phase (flow SD, SDSD)")
         return self
 
     @property
@@ -232,6 +240,12 @@ class SearchAxis(_Strict):
         value = getattr(self, key)
         if key in ("grid", "choice") and len(value) == 0:
             raise ValueError(f"{key}: is empty; give at least one value")
+        if key in ("grid", "choice"):
+            for i, a in enumerate(value):
+                twin = next((b for b in value[:i] if same_value(a, b)), _MISSING)
+                if twin is not _MISSING:
+                    raise ValueError(f"{key}: {twin!r} is given twice ({value}); each value makes one arm, and "
+                                     f"two arms of one value would train the same trials")
         if key in ("uniform", "loguniform", "int") and not value[0] < value[1]:
             raise ValueError(f"{key}: [low, high] needs low < high, got {list(value)}")
         if key == "loguniform" and value[0] <= 0:
@@ -262,11 +276,16 @@ class ResourcesSpec(_Strict):
 
 
 class ConfirmSpec(_Strict):
-    """After an Optuna/random search: re-run the best config on fresh seeds beside a control."""
+    """After an Optuna search: re-run the best config on `seeds` fresh seeds (first_seed, first_seed + 1,
+    ...; none of them a searched seed) beside a control, the best config with `control` applied."""
 
     seeds: StrictInt = Field(8, gt=0)
     first_seed: StrictInt = 1000
     control: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.seeds))
 
 
 class ReportSpec(_Strict):
@@ -285,7 +304,7 @@ class StudySpec(_Strict):
     search: SearchSpec = Field(default_factory=SearchSpec)
     seeds: Union[StrictInt, list[StrictInt]] = 3
     metric: str = "val_acc"
-    mode: Literal["max", "min"] = "max"
+    mode: Optional[Literal["max", "min"]] = None  # the metric's own direction (METRIC_MODES) when unset
     test_metric: str = "test_acc"
     variants: Optional[dict[str, dict[str, Any]]] = None
     control: Optional[dict[str, Any]] = None
@@ -329,6 +348,41 @@ class StudySpec(_Strict):
             raise ValueError(f"{value!r} is not searchable; allowed: val_acc, val_loss")
         return value
 
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value):
+        names = list(value or {})
+        for i, a in enumerate(names):
+            twin = next((b for b in names[:i] if same_value(value[a], value[b])), None)
+            if twin is not None:
+                raise ValueError(f"{twin!r} and {a!r} set the same values ({value[a]}); two arms of one spec "
+                                 f"would train the same trials - drop one")
+        return value
+
+    @model_validator(mode="after")
+    def _study(self) -> "StudySpec":
+        direction = METRIC_MODES[self.metric]
+        if self.mode is None:
+            self.mode = direction
+        elif self.mode != direction:
+            better = "higher" if direction == "max" else "lower"
+            raise ValueError(f"mode: {self.metric} is better {better}, so its mode is {direction}, not {self.mode}; "
+                             f"write mode: {direction} or leave mode out")
+        if self.confirm is not None:
+            if self.search.algorithm != "optuna":
+                raise ValueError(f"confirm: re-runs the best config of an optuna search; a {self.search.algorithm} "
+                                 f"study runs every arm on every seed already - drop confirm, or add seeds")
+            both = sorted(set(self.seed_list) & set(self.confirm.seed_list))
+            if both:
+                raise ValueError(f"confirm: seed {both[0]} is also a searched seed (seeds {self.seed_list}; confirm "
+                                 f"runs {self.confirm.seed_list[0]}..{self.confirm.seed_list[-1]}); the confirmation "
+                                 f"needs fresh seeds - raise confirm.first_seed")
+        if self.report.margin is not None and self.report.margin >= 1.0 and "acc" in self.test_metric:
+            raise ValueError(f"report.margin: {self.report.margin:g} is at least 1, the largest difference an "
+                             f"accuracy ({self.test_metric}, in [0, 1]) can have, so every arm would be 'equivalent'; "
+                             f"give it in accuracy units, e.g. 0.005 for 0.5 pp")
+        return self
+
     @property
     def seed_list(self) -> list[int]:
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
@@ -350,6 +404,25 @@ class StudySpec(_Strict):
 
 def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
+
+
+# A searched metric's direction: accuracy is better higher, loss lower.
+METRIC_MODES = {"val_acc": "max", "val_loss": "min"}
+_MISSING = object()
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two values of a study file are one value once typed: 0 and 0.0 are (a float field takes
+    both), True and 1 are not (a flag is never a number); lists and mappings compare item by item."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
@@ -406,13 +479,48 @@ def get_by_path(tree: dict, path: str) -> Any:
     return node
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that names one key twice (YAML loaders silently keep the last)."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(problem=f"key {key!r} appears twice")
+        self.key, self.lines = key, (first_line, line)
+
+    def describe(self) -> str:
+        return f"key {self.key!r} is given twice in one mapping (lines {self.lines[0]} and {self.lines[1]})"
+
+
+class StudyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (a merge key, <<, may be overridden)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the safe loader refuses it itself
+                    continue
+                if first is not None:
+                    raise DuplicateKeyError(key, first, key_node.start_mark.line + 1)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'pipeline.lr=[0.1, null]' -> ('pipeline.lr', [0.1, None]); values are YAML."""
     if "=" not in text:
         raise SpecError(f"--set {text!r}: expected key=value, e.g. --set pipeline.epochs=5")
     key, raw = text.split("=", 1)
+    if not all(key.strip().split(".")):
+        raise SpecError(f"--set {text!r}: {key.strip()!r} is not a dotted path of fields, e.g. pipeline.epochs")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=StudyLoader) if raw.strip() else ""
+    except DuplicateKeyError as err:
+        raise SpecError(f"--set {text!r}: {err.describe()}; keep one") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -444,7 +552,13 @@ def load_study(source: Union[str, Path], overrides: list[str] = (), studies_dir:
     """
     path = resolve_study_path(source, studies_dir)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot be read ({type(err).__name__}); give a UTF-8 YAML file") from None
+    try:
+        raw = yaml.load(text, Loader=StudyLoader)
+    except DuplicateKeyError as err:
+        raise SpecError(f"{path}: {err.describe()}; keep one (YAML would silently use the last)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -519,8 +633,9 @@ def _paths_relative_to(raw: dict, folder: Path) -> None:
         section, key = field.split(".")
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raw[section][key] = absolute(raw[section][key])
-    for variant in (raw.get("variants") or {}).values():
-        fix_assignments(variant)
+    if isinstance(raw.get("variants"), dict):  # anything else is refused by the spec's own types
+        for variant in raw["variants"].values():
+            fix_assignments(variant)
     fix_assignments(raw.get("control"))
     if isinstance(raw.get("confirm"), dict):
         fix_assignments(raw["confirm"].get("control"))

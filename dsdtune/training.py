@@ -124,7 +124,8 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in [0, 1]) over a split's batches."""
+    """(mean cross-entropy, accuracy in [0, 1]) over a split's batches; NaN for both if it has none (no
+    sample scores nothing: 0 would be a perfect loss)."""
     model.eval()
     loss_sum = correct = None
     n = 0
@@ -137,7 +138,7 @@ def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
         correct += (logits.argmax(dim=1) == target).sum()
         n += target.shape[0]
     if n == 0:
-        return 0.0, 0.0
+        return math.nan, math.nan
     return float(loss_sum) / n, int(correct) / n
 
 

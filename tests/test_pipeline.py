@@ -155,3 +155,14 @@ def test_static_sparse_and_prune_only_phase():
     result = run_pipeline(spec(flow="DS", epochs=[2, 0]))
     assert result.final["sparsity"] == pytest.approx(0.6, abs=0.01)
     assert "acc_after_S1" in result.final
+
+
+def test_an_empty_split_scores_nan_not_zero():
+    """A split of no samples has no loss or accuracy; 0 would make every configuration look perfect (loss)."""
+    from dsdtune.training import evaluate, evaluate_batches
+    model = torch.nn.Linear(3, 2)
+    loss, acc = evaluate(model, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 8)
+    assert math.isnan(loss) and math.isnan(acc)
+    assert all(math.isnan(v) for v in evaluate_batches(model, iter(())))
+    loss, acc = evaluate(model, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), 8)
+    assert math.isfinite(loss) and acc in (0.0, 1.0)

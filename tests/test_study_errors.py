@@ -59,6 +59,42 @@ CASES = [
     ({}, ["name=."], ["name", "plain folder name"]),
     ({"name": ".hidden"}, [], ["name", "plain folder name"]),
     ({}, ["name=a/b"], ["name", "plain folder name"]),
+    ({}, ["=1"], ["--set '=1'", "dotted path"]),
+    ({}, ["pipeline..lr=1"], ["'pipeline..lr'", "dotted path"]),
+    # a metric has one direction: val_acc is maximised, val_loss minimised
+    ({}, ["metric=val_loss", "mode=max"], ["mode", "val_loss", "min"]),
+    ({}, ["mode=min"], ["mode", "val_acc", "max"]),
+    # confirm re-runs an optuna search's best config; a grid or random study would ignore it
+    ({}, ["confirm={seeds: 2}"], ["confirm", "optuna"]),
+    # one value twice makes two arms of one label training the same trials
+    ({"search/space": {"pipeline.sparsity": {"grid": [0.5, 0.5]}}}, [], ["search.space.pipeline.sparsity.grid",
+                                                                        "twice"]),
+    ({"search/space": {"pipeline.sparsity": {"grid": [0, 0.0, 0.5]}}}, [], ["pipeline.sparsity", "twice"]),
+    ({"variants": {"a": {"pipeline.lr.0": 0.01}, "b": {"pipeline.lr.0": 0.01}}}, [], ["variants", "'a'", "'b'"]),
+    ({"variants": {"a": {}, "b": {"pipeline.lr.0": 0.05}}}, [], ["variants", "identical", "changes nothing"]),
+    # a control that matches no arm is found before Ray, with the values it may take
+    ({}, ["control={pipeline.sparsity: 0.3}"], ["control", "0.3", "matches no arm", "0.0, 0.5"]),
+    ({"variants": {"a": {}, "b": {"pipeline.lr.0": 0.01}}}, ["control={variant: c}"], ["control", "'c'", "a, b"]),
+    # settings that change nothing
+    ({}, ["pipeline.optimizer=adam", "pipeline.nesterov=true"], ["pipeline.nesterov", "adam"]),
+    ({}, ["pipeline.optimizer=[sgd, adam, sgd]", "pipeline.nesterov=[false, true, false]"],
+     ["pipeline.nesterov", "S1", "adam"]),
+    ({}, ["pipeline.momentum=0", "pipeline.nesterov=true"], ["pipeline.nesterov", "momentum"]),
+    ({}, ["init.gain=2.0"], ["init.gain", "orthogonal", "eoi"]),
+    ({}, ["init.bias_std=0.01"], ["init.bias_std", "init.bias: normal"]),
+    ({}, ["pipeline.flow=DGD", "search.space={pipeline.criterion: {grid: [layerwise_magnitude, global_magnitude]}}",
+          "control=null"], ["search.space.pipeline.criterion", "changes nothing"]),
+    ({}, ["pipeline.flow=DGD", "pipeline.criterion=global_magnitude"], ["pipeline.criterion", "G"]),
+    ({}, ["test_metric=test_accuracy"], ["test_metric", "test_acc", "acc_after_S1"]),
+    ({}, ["report.margin=1.0"], ["report.margin", "accuracy"]),
+    # a dataset or model that fails on its args, a layer of no weights: one line, not a traceback
+    ({}, ["task.dataset_args={num_train: 40, num_test: 10, input_shape: [-1]}"], ["task.dataset_args", "RuntimeError"]),
+    ({}, ["task.model_args={widths: [-1]}"], ["task.model_args", "RuntimeError"]),
+    ({}, ["task.model_args={widths: [0]}"], ["task.model_args", "size > 0"]),
+    ({}, ["variants=[a, b]"], ["variants", "valid dictionary"]),
+    # a validation split of no samples would score every configuration alike
+    ({}, ["task.dataset_args={num_train: 4, num_test: 10, input_shape: [12], num_classes: 4}"],
+     ["task.val_fraction", "validation split", "4"]),
 ]
 
 OPTUNA = Path(__file__).parent / "studies" / "tiny_optuna.yaml"
@@ -66,6 +102,11 @@ OPTUNA_CASES = [
     (["confirm.control={pipeline.sparsty: 0.0}"], ["confirm.control", "pipeline.sparsty", "unknown key"]),
     (["variants={a: {}, b: {pipeline.lr.0: 0.1}}"], ["variants", "optuna"]),
     (["seeds=[0, 1]"], ["seeds", "asha", "luck"]),
+    (["confirm.first_seed=0"], ["confirm", "seed 0", "searched"]),
+    (["confirm.control={}"], ["confirm.control", "empty"]),
+    (["confirm.control={pipeline.sparsity: 0.5}"], ["confirm.control", "pipeline.sparsity", "changes nothing"]),
+    (["search.space={pipeline.lr.1: {choice: [0.01, 0.01]}}"], ["search.space.pipeline.lr.1.choice", "twice"]),
+    (["metric=val_loss", "mode=max"], ["mode", "val_loss"]),
 ]
 
 
@@ -145,3 +186,89 @@ def test_offline_torchvision_dataset_is_one_line_before_ray(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("dsdtune: task.dataset: cifar10") and "data" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_metric_direction_is_derived(tmp_path):
+    from dsdtune.config import load_study
+    assert load_study(TINY, ["metric=val_loss"]).mode == "min"
+    assert load_study(TINY).mode == "max"
+    assert load_study(TINY, ["metric=val_loss", "mode=min"]).mode == "min"
+
+
+def test_duplicate_keys_are_one_line_with_the_line(tmp_path, capsys, no_ray):
+    text = TINY.read_text().replace("seeds: 2\n", "seeds: 2\nresources: {cpu: 1}\nseeds: 3\n")
+    assert text.count("seeds:") == 2
+    study = tmp_path / "dup.yaml"
+    study.write_text(text)
+    results = tmp_path / "results"
+    assert main([str(study), "--results", str(results), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'seeds'" in err and "twice" in err, err
+    lines = [i + 1 for i, line in enumerate(text.splitlines()) if line.startswith("seeds:")]
+    assert f"lines {lines[0]} and {lines[1]}" in err, err
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(TINY.read_text().replace("  batch_size: 50\n", "  batch_size: 50\n  batch_size: 25\n"))
+    assert main([str(nested), "--results", str(results), "--dry-run"]) == 2
+    assert "'batch_size'" in capsys.readouterr().err
+    assert main([str(TINY), "--results", str(results), "--dry-run", "--set", "control={a: 1, a: 2}"]) == 2
+    assert "'a'" in capsys.readouterr().err
+    assert not results.exists()
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    from dsdtune.config import load_study
+    study = tmp_path / "merge.yaml"
+    study.write_text(TINY.read_text().replace("pipeline:\n  flow: DSD\n", "pipeline:\n  <<: {flow: DSDSD}\n  flow: DSD\n"))
+    assert load_study(study).pipeline.flow == "DSD"  # an explicit key overrides a merged one (YAML's rule)
+
+
+def trained_checkpoint(tmp_path):
+    """A state_dict of tiny.yaml's model, as a user's trained model file."""
+    import torch
+    from dsdtune.models import build_model
+    path = tmp_path / "trained.pt"
+    torch.save(build_model("mlp", (12,), 4, widths=[32, 32]).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("init,words", [
+    ("{bias: zero}", ["init.checkpoint", "init.bias"]),
+    ("{bias: normal, bias_std: 0.01}", ["init.checkpoint", "init.bias"]),
+    ("{base: orthogonal}", ["init.checkpoint", "init.base"]),
+    ("{density: erk}", ["init.checkpoint", "init.density"]),
+])
+def test_checkpoint_with_an_init_that_overwrites_it_is_refused(tmp_path, capsys, no_ray, init, words):
+    checkpoint = trained_checkpoint(tmp_path)
+    results = tmp_path / "results"
+    args = [str(TINY), "--results", str(results), "--dry-run", "--set", f"init.checkpoint={checkpoint}"]
+    assert main(args) == 0  # the trained model alone is fine
+    capsys.readouterr()
+    fields = init.strip("{}").split(", ")
+    assert main(args + sum((["--set", f"init.{f.replace(': ', '=')}"] for f in fields), [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    # nesterov for the SGD arm of an optimizer grid; a gain for the EOI variant's weights
+    ["pipeline.nesterov=true", "search.space={pipeline.optimizer: {grid: [sgd, adam]}}", "control=null"],
+    ["pipeline.nesterov=[false, true, false]", "search.space={pipeline.optimizer: {grid: [sgd, adam]}}",
+     "control=null"],
+    ["pipeline.flow=SD", "pipeline.epochs=[2, 1]", "pipeline.lr=[0.05, 0.005]", "init.density=erk",
+     "init.init_density=0.5", "init.gain=1.5",
+     "variants={base: {}, eoi: {init.weights: eoi}}", "search.space={}", "control={variant: base}"],
+])
+def test_a_shared_setting_some_arm_uses_is_accepted(tmp_path, capsys, overrides):
+    args = [str(TINY), "--results", str(tmp_path / "r"), "--dry-run"] + sum((["--set", o] for o in overrides), [])
+    assert main(args) == 0, capsys.readouterr().err
+
+
+def test_a_setting_an_arm_sets_for_itself_must_change_it(tmp_path, capsys, no_ray):
+    args = [str(TINY), "--results", str(tmp_path / "r"), "--dry-run", "--set", "search.space={}", "--set",
+            "variants={sgd: {}, adam: {pipeline.optimizer: adam, pipeline.nesterov: true}}", "--set", "control=null"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "pipeline.nesterov: changes nothing in arm variant=adam" in err, err

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import SpecError, StudySpec, build_run_spec
+from ..config import SpecError, StudySpec, build_run_spec, same_value
 
 STAGE_PREFIX, STAGE_SWEEP, STAGE_SEARCH, STAGE_CONFIRM = "prefix", "sweep", "search", "confirm"
 
@@ -103,10 +103,36 @@ def _sample(axis, rng) -> Any:
 
 
 def _probe_values(axis) -> list[Any]:
+    """Every value of a grid or choice; the ends and the middle of a range (what a search may draw)."""
     if axis.kind in ("grid", "choice"):
         return list(axis.grid if axis.grid is not None else axis.choice)
     low, high = getattr(axis, axis.kind)
-    return [low, high]
+    middle = (low + high) // 2 if axis.kind == "int" else \
+        math.sqrt(low * high) if axis.kind == "loguniform" else (low + high) / 2
+    return list(dict.fromkeys([low, middle, high]))
+
+
+def _optuna_probes(spec: StudySpec) -> tuple[list[Arm], dict[str, list[int]]]:
+    """The base spec, every axis at its probe values alone, and all axes at their first and at their last
+    values together: the configs that decide which leading phases every search trial shares. Also the
+    probes' indices of each axis."""
+    space = spec.search.space
+    values = {p: _probe_values(axis) for p, axis in space.items()}
+    assigns: list[dict[str, Any]] = [{}]
+    of_axis: dict[str, list[int]] = {}
+    for path, vals in values.items():
+        for v in vals:
+            of_axis.setdefault(path, []).append(len(assigns))
+            assigns.append({path: v})
+    if len(space) > 1:
+        assigns += [{p: vals[0] for p, vals in values.items()}, {p: vals[-1] for p, vals in values.items()}]
+    arms, labels = [], set()
+    for i, assign in enumerate(assigns):
+        label = _label(assign)
+        label = label if label not in labels else f"{label} #{i}"
+        labels.add(label)
+        arms.append(Arm(label, assign, assign))
+    return arms, of_axis
 
 
 def _check_trial(spec: StudySpec, assign: dict[str, Any], seed: int, where: str):
@@ -134,6 +160,115 @@ def check_settings_blocks(runs: list) -> None:
                                 f"(flows: {flows}); drop the block or use {letters} in a flow")
 
 
+def _trial_id(run) -> str:
+    """What a trial computes, as a name: equal names <=> bit-identical trials (its whole flow's prefix id)."""
+    from ..phases import expand_phases
+    from ..pipeline import prefix_id
+    return prefix_id(run, len(expand_phases(run.pipeline, run.init)))
+
+
+def check_arm_labels(spec: StudySpec, arms: list[Arm]) -> None:
+    """Each arm has a label of its own (results, the plan and the report key arms by label)."""
+    labels: set[str] = set()
+    for arm in arms:
+        if arm.label in labels:
+            if spec.search.algorithm == "random":
+                raise SpecError(f"search: two random samples drew the same values ({arm.label}); widen the int "
+                                f"ranges, lower search.num_samples or change search.seed")
+            raise SpecError(f"search.space: two arms are labelled {arm.label!r}; give values that print differently")
+        labels.add(arm.label)
+
+
+def check_distinct_arms(arms: list[Arm], runs: list) -> None:
+    """Two arms that would train bit-identical trials (a factor that changes nothing for them) are refused:
+    the report would pool copies of one trial as if they were two."""
+    seen: dict[str, Arm] = {}
+    for arm, run in zip(arms, runs):
+        key = _trial_id(run)
+        if key in seen:
+            other = seen[key]
+            differ = [k for k in dict.fromkeys([*other.factors, *arm.factors])
+                      if not same_value(other.factors.get(k), arm.factors.get(k))]
+            where = "variants" if differ == ["variant"] else \
+                f"search.space.{differ[0]}" if len(differ) == 1 else "search.space"
+            raise SpecError(f"{where}: arms {other.label} and {arm.label} would train identical trials: "
+                            f"{' and '.join(differ) or 'their factors'} changes nothing for them (same task, init "
+                            f"and phases); drop one of the values, or the factor")
+        seen[key] = arm
+
+
+def _unused_settings() -> list[tuple[str, Any, Any, str]]:
+    """(field, set in a run, used by a run, why it is unused): settings that do nothing where unused."""
+    from ..phases import PHASE_KINDS, kind_of
+    pruning = ", ".join(k.letter for k in PHASE_KINDS.values() if k.criteria is not None)
+    return [
+        ("init.gain", lambda run, phases: run.init.gain != 1.0,
+         lambda run, phases: run.init.base == "orthogonal" or run.init.weights == "eoi",
+         "it multiplies orthogonal weights (init.base: orthogonal) and EOI weights (init.weights: eoi) only; "
+         "drop it, or use one of those"),
+        ("init.bias_std", lambda run, phases: run.init.bias_std != 0.0,
+         lambda run, phases: run.init.bias == "normal",
+         "it is the spread of init.bias: normal only; drop it, or set init.bias: normal"),
+        ("pipeline.nesterov", lambda run, phases: any(p.nesterov for p in phases),
+         lambda run, phases: any(p.nesterov and p.optimizer == "sgd" and p.momentum > 0 for p in phases),
+         "Nesterov momentum is SGD's with momentum > 0, and every phase with it uses adam or momentum 0; "
+         "drop it"),
+        ("pipeline.criterion", lambda run, phases: run.pipeline.criterion is not None,
+         lambda run, phases: any(kind_of(p.kind).criteria is not None for p in phases),
+         f"no phase of {{flows}} prunes by a criterion (kinds that do: {pruning}); drop it"),
+    ]
+
+
+def _sets(arm: Arm, path: str) -> bool:
+    return any(k == path or k.startswith(path + ".") for k in arm.assign)
+
+
+def check_unused_settings(arms: list[Arm], runs: list, own_only: bool = False) -> None:
+    """A setting that changes nothing is refused: one an arm sets for itself (a variant or a searched
+    value) and does not use, and one the study sets for all arms that none of them uses (a shared one
+    may serve some arms only: nesterov for the SGD arms of an optimizer grid). `own_only`: the first
+    kind only (a confirm control that changes what makes a shared setting useful)."""
+    from ..phases import expand_phases
+    phase_lists = [expand_phases(run.pipeline, run.init) for run in runs]
+    # nesterov given per phase: per phase, by the same two rules
+    per_phase: dict[int, list[tuple[Arm, Any, bool]]] = {}
+    for arm, run, phases in zip(arms, runs, phase_lists):
+        if isinstance(run.pipeline.nesterov, list):
+            for p in phases:
+                if p.nesterov:
+                    per_phase.setdefault(p.index, []).append((arm, p, p.optimizer == "sgd" and p.momentum > 0))
+    for entries in per_phase.values():
+        bad = [(arm, p) for arm, p, useful in entries if not useful and _sets(arm, "pipeline.nesterov")]
+        if not bad and not own_only and not any(useful for _, _, useful in entries):
+            bad = [(arm, p) for arm, p, _ in entries]
+        if bad:
+            arm, p = bad[0]
+            why = f"uses {p.optimizer}" if p.optimizer != "sgd" else "has momentum 0"
+            raise SpecError(f"pipeline.nesterov: is true for {p.label}, which {why}"
+                            f"{' in arm ' + arm.label if arm.factors else ''}; Nesterov momentum is SGD's with "
+                            f"momentum > 0, so set it false there")
+    for path, is_set, used, why in _unused_settings():
+        having = [(arm, run, phases) for arm, run, phases in zip(arms, runs, phase_lists) if is_set(run, phases)]
+        for arm, run, phases in having:
+            if _sets(arm, path) and not used(run, phases):
+                raise SpecError(f"{path}: changes nothing in arm {arm.label}: "
+                                f"{why.format(flows='flow ' + run.pipeline.flow)}")
+        if having and not own_only and not any(used(run, phases) for _, run, phases in having):
+            flows = sorted({run.pipeline.flow for _, run, _ in having})
+            raise SpecError(f"{path}: changes nothing{' in any arm' if len(runs) > 1 else ''}: "
+                            f"{why.format(flows=('flow ' if len(flows) == 1 else 'flows ') + ', '.join(flows))}")
+
+
+def check_test_metric(spec: StudySpec, runs: list) -> None:
+    """`test_metric` must be a column trials report: test_acc, test_loss or acc_after_<phase label>."""
+    from ..phases import expand_phases
+    labels = dict.fromkeys(p.label for run in runs for p in expand_phases(run.pipeline, run.init))
+    allowed = ["test_acc", "test_loss"] + [f"acc_after_{label}" for label in labels]
+    if spec.test_metric not in allowed:
+        raise SpecError(f"test_metric: {spec.test_metric!r} is not a column the trials report; allowed: "
+                        f"{', '.join(allowed)}")
+
+
 def make_plan(spec: StudySpec) -> Plan:
     """Arms, seeds, shared prefixes and epoch counts; validates every arm's run spec.
 
@@ -147,13 +282,26 @@ def make_plan(spec: StudySpec) -> Plan:
         if path.split(".")[0] not in ("task", "init", "pipeline"):
             raise SpecError(f"search.space.{path}: searched fields live under task., init. or pipeline.")
     if spec.search.algorithm != "optuna":
-        return plan_for_arms(spec, _grid_arms(spec))
+        arms = _grid_arms(spec)
+        check_arm_labels(spec, arms)  # first: the plan keys arms by label
+        plan = plan_for_arms(spec, arms)
+        check_distinct_arms(arms, plan.runs)
+        check_unused_settings(arms, plan.runs)
+        check_test_metric(spec, plan.runs)
+        return plan
     if not spec.search.space:
         raise SpecError("search.space: optuna needs at least one searched field")
-    # Optuna's arms are unknown in advance: probe every axis at its ends to find the shared prefix.
-    probes = [Arm("base", {}, {})] + [Arm(f"{p}={v}", {p: v}, {p: v})
-                                      for p, axis in spec.search.space.items() for v in _probe_values(axis)]
+    # Optuna's arms are unknown in advance: probe every axis (ends, middle, all at once) to find the one
+    # prefix every trial shares; any probe whose prefix id differs leaves nothing shared.
+    probes, of_axis = _optuna_probes(spec)
     plan = plan_for_arms(spec, probes, common=True)
+    check_unused_settings(probes, plan.runs)
+    check_test_metric(spec, plan.runs)
+    for path, indices in of_axis.items():
+        if len(indices) > 1 and len({_trial_id(plan.runs[i]) for i in indices}) == 1:
+            values = ", ".join(str(probes[i].assign[path]) for i in indices)
+            raise SpecError(f"search.space.{path}: changes nothing: its values ({values}) give identical trials "
+                            f"(same task, init and phases); drop it")
     # Factors: the searched fields, and what the confirm stage's control changes (e.g. sparsity).
     control_keys = [k for k in (spec.confirm.control if spec.confirm else {}) if k not in spec.search.space]
     plan.arms, plan.factors, plan.trial_prefix = [], list(spec.search.space) + control_keys, {}

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
-from ..config import RunSpec, SpecError, StudySpec, build_run_spec
-from .plan import Plan, confirm_arms
+from ..config import RunSpec, SpecError, StudySpec, build_run_spec, same_value
+from .plan import Plan, check_unused_settings, confirm_arms
 
 
 def check_storage(spec: StudySpec, results_root: Path) -> tuple[Path, str]:
@@ -57,11 +58,28 @@ def check_gpu(spec: StudySpec, address: Optional[str]) -> None:
 
 
 def check_control(spec: StudySpec) -> None:
-    if spec.control:
-        for key in spec.control:
-            if spec.search.algorithm != "optuna" and key not in (spec.search.space or {}) and key != "variant":
-                raise SpecError(f"control: {key!r} is not a factor of this study; factors: "
-                                f"{', '.join(list(spec.search.space) + (['variant'] if spec.variants else []))}")
+    """The control names factors of the study, each at a value an arm has (found here, not by the report
+    after the whole study has run)."""
+    if not spec.control or spec.search.algorithm == "optuna":
+        return
+    space = spec.search.space
+    for key in spec.control:
+        if key not in space and key != "variant":
+            raise SpecError(f"control: {key!r} is not a factor of this study; factors: "
+                            f"{', '.join(list(space) + (['variant'] if spec.variants else []))}")
+    for key, value in spec.control.items():
+        if key == "variant":
+            allowed = list(spec.variants or {})
+            if not allowed:
+                raise SpecError("control: 'variant' names a variant, but the study has no variants")
+        elif space[key].kind not in ("grid", "choice"):
+            raise SpecError(f"control: {key} is sampled ({space[key].kind}), so no arm has a value known in "
+                            f"advance; name a grid or choice value, or a variant")
+        else:
+            allowed = list(space[key].grid if space[key].grid is not None else space[key].choice)
+        if not any(same_value(value, v) for v in allowed):  # arms are all combinations: each value suffices
+            raise SpecError(f"control: {key}={value!r} matches no arm; {key} takes "
+                            f"{', '.join(str(v) for v in allowed)}")
 
 
 def check_search(spec: StudySpec) -> None:
@@ -79,11 +97,18 @@ def check_search(spec: StudySpec) -> None:
                             f"confirm.seeds")
         if spec.confirm:
             probe = {p: (axis.grid or axis.choice or getattr(axis, axis.kind))[0] for p, axis in search.space.items()}
-            for label, arm in zip(("the best config", "confirm.control"), confirm_arms(spec, probe)):
+            arms, runs = confirm_arms(spec, probe), []
+            for label, arm in zip(("the best config", "confirm.control"), arms):
                 try:
-                    check_flow(build_run_spec(spec.base_run(), arm.assign, spec.confirm.first_seed).pipeline)
+                    runs.append(build_run_spec(spec.base_run(), arm.assign, spec.confirm.first_seed))
+                    check_flow(runs[-1].pipeline)
                 except SpecError as err:
                     raise SpecError(f"confirm.control: {err}" if label == "confirm.control" else str(err)) from None
+            check_confirm_control(spec)
+            try:
+                check_unused_settings([arms[1]], runs[1:], own_only=True)
+            except SpecError as err:
+                raise SpecError(f"confirm.control: {err}") from None
     elif spec.scheduler.kind != "none":
         raise SpecError(f"scheduler.kind: {spec.scheduler.kind} stops trials early, which only a search "
                         f"(search.algorithm: optuna) uses; a grid or random study runs every trial to the end")
@@ -95,11 +120,36 @@ def check_search(spec: StudySpec) -> None:
                         f"repeat arms with seeds instead")
 
 
+def check_confirm_control(spec: StudySpec) -> None:
+    """The confirm stage's control must differ from the best config: a change to a field the search does
+    not set that changes the run spec (a searched field's value may differ from the best one)."""
+    control = spec.confirm.control
+    if not control:
+        raise SpecError("confirm.control: is empty, so the control would re-run the best config; name what the "
+                        "control changes, e.g. {pipeline.sparsity: 0.0}")
+    if any(key in spec.search.space for key in control):
+        return
+    seed = spec.confirm.first_seed
+    base = build_run_spec(spec.base_run(), {}, seed).model_dump()
+    if build_run_spec(spec.base_run(), control, seed).model_dump() == base:
+        given = ", ".join(f"{k}={v}" for k, v in control.items())
+        raise SpecError(f"confirm.control: {given} changes nothing: every searched config has it already, so the "
+                        f"control would re-run the best config; name a value that differs")
+
+
 def check_tasks(plan: Plan) -> None:
     """Build each distinct task of the plan's arms once on the CPU and push one batch through it.
 
-    Also downloads or generates each dataset here, once, before trials race for it.
+    Also downloads or generates each dataset here, once, before trials race for it. Warnings raised
+    on the way (torch's, a user's code's) are shown once the tasks pass: a task refused is one line.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        _check_tasks(plan)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+def _check_tasks(plan: Plan) -> None:
     from ..cost import model_cost_key
     from ..data import DatasetUnavailable, load_dataset
     from ..sparsity.init import check_options
@@ -117,8 +167,14 @@ def check_tasks(plan: Plan) -> None:
                                                   **task.dataset_args)
             except DatasetUnavailable as err:
                 raise SpecError(f"task.dataset: {err}") from None
+            except SpecError:
+                raise
             except (TypeError, ValueError) as err:
                 raise SpecError(f"task.dataset_args: {_first_line(err)}") from None
+            except Exception as err:  # e.g. a negative size in dataset_args: say so before every trial does
+                raise SpecError(f"task.dataset_args: {task.dataset} fails with {task.dataset_args}: "
+                                f"{type(err).__name__}: {_first_line(err)}") from None
+            _check_splits(task, datasets[data_key])
         build_key = json.dumps([data_key, task.model, task.model_args, task.augment, task.batch_size,
                                 run.init.model_dump(), run.pipeline.exclude_first, run.pipeline.exclude],
                                sort_keys=True, default=str)
@@ -127,7 +183,11 @@ def check_tasks(plan: Plan) -> None:
             pipeline = _build_once(run, datasets[data_key])
             cost_key = model_cost_key(task)
             if cost_key not in plan.model_costs:  # measured once per model and data, shipped to the trials
-                plan.model_costs[cost_key] = pipeline.measure().as_dict()
+                try:
+                    plan.model_costs[cost_key] = pipeline.measure().as_dict()
+                except Exception as err:
+                    raise SpecError(f"task.model: the FLOPs of {task.model} on a batch of {task.dataset} cannot be "
+                                    f"counted: {type(err).__name__}: {_first_line(err)}") from None
         check_phase_steps(run, datasets[data_key].num_train)
 
 
@@ -141,6 +201,29 @@ def check_phase_steps(run: RunSpec, num_train: int) -> None:
         kind_of(phase.kind).check_steps(phase, phases, per_epoch)
 
 
+def _split_size(task, data, split: str) -> int:
+    if not data.streaming:
+        return int((data.val_y if split == "val" else data.test_y).shape[0])
+    try:  # a user's torch Dataset: its own __len__
+        return len(data.val if split == "val" else data.test)
+    except Exception as err:
+        raise SpecError(f"task.dataset: the {split} split of {task.dataset} has no length ({type(err).__name__}: "
+                        f"{_first_line(err)}); its Dataset's __len__ must return an int") from None
+
+
+def _check_splits(task, data) -> None:
+    """A split of no samples scores nothing: the search would compare NaNs, the report no test metric."""
+    n_val = _split_size(task, data, "val")
+    if n_val == 0:
+        total = data.num_train
+        raise SpecError(f"task.val_fraction: the validation split of {task.dataset} is empty ({task.val_fraction:g} "
+                        f"of {total} training samples rounds to none), so no configuration could be scored; raise "
+                        f"task.val_fraction to at least {0.5 / max(total, 1):.2g} or use more samples")
+    if _split_size(task, data, "test") == 0:
+        raise SpecError(f"task.dataset: {task.dataset} has an empty test split, so no trial could report a test "
+                        f"metric; give it test samples")
+
+
 def _build_once(run: RunSpec, data):
     import torch
     import torch.nn.functional as F
@@ -152,7 +235,7 @@ def _build_once(run: RunSpec, data):
         raise SpecError(f"task.augment: true crops and flips images, but {task.dataset} samples have shape "
                         f"{tuple(data.input_shape)}; use augment: false")
     try:
-        build_model(task.model, data.input_shape, data.num_classes, **task.model_args)
+        model = build_model(task.model, data.input_shape, data.num_classes, **task.model_args)
     except SpecError:
         raise
     except Exception as err:  # whatever a user's or zoo factory raises (timm: RuntimeError, KeyError...): one line
@@ -161,6 +244,10 @@ def _build_once(run: RunSpec, data):
         message = _first_line(err)
         raised = type(err).__name__ + (f": {message}" if message != type(err).__name__ else "")
         raise SpecError(f"{field}: building {task.model}{args} raised {raised}") from None
+    empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
+    if empty is not None:  # a layer of width 0: nothing to train, prune or measure
+        raise SpecError(f"task.model_args: {task.model} with {task.model_args} has a parameter without entries "
+                        f"({empty}); give every layer a size > 0")
     try:
         pipeline = Pipeline(run, dataset=data, device="cpu")
     except SpecError:
