@@ -89,7 +89,7 @@ CASES = [
     ({}, ["report.margin=1.0"], ["report.margin", "accuracy"]),
     # a dataset or model that fails on its args, a layer of no weights: one line, not a traceback
     ({}, ["task.dataset_args={num_train: 40, num_test: 10, input_shape: [-1]}"], ["task.dataset_args", "RuntimeError"]),
-    ({}, ["task.model_args={widths: [-1]}"], ["task.model_args", "RuntimeError"]),
+    ({}, ["task.model_args={widths: [-1]}"], ["task.model: building mlp with model_args", "widths", "RuntimeError"]),
     ({}, ["task.model_args={widths: [0]}"], ["task.model_args", "size > 0"]),
     ({}, ["variants=[a, b]"], ["variants", "valid dictionary"]),
     # a validation split of no samples would score every configuration alike
