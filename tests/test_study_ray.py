@@ -1,5 +1,6 @@
 """The study runner on real Ray: stages, shared prefixes, divergence, kill + resume, dashboard, cluster."""
 import json
+import math
 import os
 import re
 import signal
@@ -205,11 +206,22 @@ def test_optuna_search_then_best_config_beside_control(ray_local, tmp_path):
     stored = optuna.load_study(study_name="tiny_optuna", storage=storage).trials
     assert len(stored) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in stored)
     history = pd.read_csv(out / "history.csv")
+    first_epochs = []
     for trial in stored:
         (row,) = search[search["pipeline.lr.1"] == trial.params["pipeline.lr.1"]].itertuples()
         assert trial.value == row.final_val_acc  # the metric it ended with (stopped ones: where ASHA stopped them)
-        epochs = history[(history.trial_id == row.trial_id) & (history.epoch > 3)]  # after the shared prefix
+        # the epochs the trial trained itself: the whole flow for the one that trained the shared prefix
+        # (3 epochs) on the way, the epochs after it for the trials that waited for it
+        first = min(trial.intermediate_values)
+        epochs = history[(history.trial_id == row.trial_id) & (history.epoch >= first)]
         assert trial.intermediate_values == dict(zip(epochs.epoch, epochs.val_acc))
+        first_epochs.append(first)
+    assert sorted(first_epochs) == [1, 4, 4, 4]  # no barrier: the search's first trial trained the prefix
+    # one row per trial and epoch, from 1 without gaps (prefix epochs included), in both stages
+    assert set(history.trial_id) == set(trials.trial_id) and not history.duplicated(["trial_id", "epoch"]).any()
+    for trial_id, rows in history.groupby("trial_id"):
+        assert rows.epoch.tolist() == list(range(1, len(rows) + 1)), trial_id
+    assert (history[history.trial_id.isin(confirm.trial_id)].groupby("trial_id").size() == 7).all()
 
 
 def test_a_restored_search_continues_its_optuna_study_and_fails_the_orphans(tmp_path):
@@ -263,3 +275,123 @@ def test_a_failing_report_keeps_the_results_and_says_how_to_rerun(ray_local, tmp
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the report failed" in err and "python -m dsdtune.report" in err and "complete" in err
     assert len(pd.read_csv(tmp_path / "tiny" / "trials.csv")) == 4
+
+
+# ---- the gates that release trials as their shared prefixes are stored (no Ray needed) ----
+
+def _sweep_trials():
+    return [{"arm": "a", "seed": 0, "role": "rep", "prefix": "p0"}, {"arm": "b", "seed": 0, "role": "dependent", "prefix": "p0"},
+            {"arm": "c", "seed": 0, "role": "dependent", "prefix": "p0"}, {"arm": "s", "seed": 0, "role": "solo", "prefix": ""}]
+
+
+def test_a_failed_prefix_holds_its_trials_and_a_restored_gate_trains_it_again(tmp_path):
+    from dsdtune.study.gates import GateGenerator, PrefixGate
+    from ray.tune.search import Searcher
+    gate = PrefixGate(_sweep_trials(), str(tmp_path / "prefixes"))
+    assert [gate.suggest(t)["arm"] for t in ("t1", "t2")] == ["a", "s"]  # the representative and the solo trial
+    assert gate.suggest("t3") is None  # the dependents wait for the prefix
+    gate.on_trial_complete("t1", None, error=True)  # the representative failed before storing it
+    assert gate.suggest("t4") == Searcher.FINISHED  # nothing left to start: the dependents are held ...
+    assert [t["arm"] for t in gate.held()] == ["b", "c"]  # ... never started (listed as prefix_error)
+    gate.save(tmp_path / "gate.pkl")
+    # --resume: Tune restores the gate's state and resumes the errored representative
+    restored = PrefixGate(_sweep_trials(), str(tmp_path / "prefixes"))
+    restored.restore(tmp_path / "gate.pkl")
+    assert restored.suggest("t5") is None and restored.held() == []  # waiting for the prefix, trained again
+    restored.on_trial_result("t1", {"prefix_stored": "p0"})
+    released = [restored.suggest(t) for t in ("t6", "t7")]
+    assert [(c["arm"], c["role"]) for c in released] == [("b", "dependent"), ("c", "dependent")]
+    assert all("prefix_status" not in c for c in released)  # they train from the prefix
+    assert restored.suggest("t8") == Searcher.FINISHED
+    # Tune stored FINISHED with the stage; a restored generator asks its gate again
+    generator = GateGenerator(restored)
+    generator.set_state({"counter": 2, "total_samples": 4, "finished": True, "experiment": None})
+    assert not generator.is_finished()
+    # a diverged prefix stays diverged after a restore (it would diverge again)
+    gate = PrefixGate(_sweep_trials(), str(tmp_path / "prefixes2"))
+    gate.suggest("t1")
+    gate.on_trial_complete("t1", {"status": "diverged"})
+    gate.save(tmp_path / "gate2.pkl")
+    gate.restore(tmp_path / "gate2.pkl")
+    assert gate.suggest("t2")["arm"] == "s" and gate.suggest("t3") == Searcher.FINISHED and len(gate.held()) == 2
+
+
+def test_max_concurrent_counts_the_trials_a_restored_gate_resumes(tmp_path):
+    from dsdtune.study.gates import PrefixGate
+    trials = [{"arm": a, "seed": 0, "role": "solo", "prefix": ""} for a in "abcd"]
+    gate = PrefixGate(trials, str(tmp_path), max_concurrent=2)
+    assert [gate.suggest(t)["arm"] for t in ("t1", "t2")] == ["a", "b"] and gate.suggest("t3") is None
+    gate.on_trial_complete("t1", {"status": "ok"})
+    assert gate.suggest("t4")["arm"] == "c"
+    gate.on_trial_complete("t4", None, error=True)
+    gate.save(tmp_path / "gate.pkl")
+    # resumed with max_concurrent 1: t2 (still running) and t4 (errored: Tune resumes it) count
+    restored = PrefixGate(trials, str(tmp_path), max_concurrent=1)
+    restored.restore(tmp_path / "gate.pkl")
+    assert restored.max_concurrent == 1 and restored.suggest("t5") is None
+    restored.on_trial_complete("t2", {"status": "ok"})
+    assert restored.suggest("t6") is None  # t4 runs again
+    restored.on_trial_complete("t4", {"status": "ok"})
+    assert restored.suggest("t7")["arm"] == "d"
+
+
+class _Recorder:
+    """An inner searcher that suggests lr = 1, 2, 3, ... and records what it is told."""
+
+    metric, mode = "val_acc", "max"
+
+    def __init__(self):
+        self.count, self.results, self.completed = 0, [], {}
+
+    def suggest(self, trial_id):
+        self.count += 1
+        return {"assign": {"pipeline.lr.1": float(self.count)}}
+
+    def on_trial_result(self, trial_id, result):
+        self.results.append((trial_id, result["epoch"]))
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.completed[trial_id] = (result or {}).get("val_acc")
+
+
+def test_a_search_trains_each_seeds_prefix_in_its_first_trial_and_holds_the_rest(tmp_path):
+    from dsdtune.study.gates import SearchGate
+    from ray.tune.search import Searcher
+    inner = _Recorder()
+    gate = SearchGate(inner, [0, 1], {0: "p0", 1: "p1"}, str(tmp_path), num_samples=3)
+    first = [gate.suggest(t) for t in ("a", "b")]
+    assert [(c["seed"], c["role"], c["assign"]["pipeline.lr.1"]) for c in first] == [(0, "rep", 1.0), (1, "rep", 1.0)]
+    assert gate.suggest("c") is None and inner.count == 1  # both seeds wait: no suggestion asked for
+    gate.on_trial_result("a", {"epoch": 3, "prefix_stored": "p0"})
+    second = gate.suggest("c")
+    assert (second["seed"], second["role"], second["assign"]["pipeline.lr.1"]) == (0, "dependent", 2.0)
+    third = gate.suggest("d")  # a free slot takes a new suggestion, on a seed that can start
+    assert (third["seed"], third["role"], third["assign"]["pipeline.lr.1"]) == (0, "dependent", 3.0)
+    assert gate.suggest("e") is None and inner.count == 3  # 3 suggestions; their seed-1 trials wait
+    assert inner.results == []  # several seeds: the inner searcher gets means, no intermediate values
+    gate.on_trial_complete("b", {"val_acc": 0.25, "status": "diverged"})  # seed 1's prefix diverged
+    gate.on_trial_complete("a", {"val_acc": 0.5, "status": "ok"})
+    assert inner.completed == {"a": 0.375}  # the first suggestion: the mean over its two seeds
+    gate.on_trial_complete("c", {"val_acc": 0.75, "status": "ok"})  # seed 1 dropped out: c alone
+    assert inner.completed["c"] == 0.75
+    assert "searcher" not in gate.get_state()  # what Tune stores (the inner searcher saves itself)
+    gate.on_trial_complete("d", None, error=True)
+    assert math.isnan(inner.completed["d"]) and gate.suggest("f") == Searcher.FINISHED  # NaN: Optuna fails it
+    # one seed: the inner searcher sees the trial itself, every report (its intermediate values)
+    inner = _Recorder()
+    gate = SearchGate(inner, [7], {7: "p7"}, str(tmp_path), num_samples=2, max_concurrent=1)
+    assert gate.suggest("x")["role"] == "rep" and gate.suggest("y") is None
+    gate.on_trial_result("x", {"epoch": 1, "val_acc": 0.5})
+    gate.on_trial_result("x", {"epoch": 3, "val_acc": 0.6, "prefix_stored": "p7"})
+    assert gate.suggest("y") is None  # max_concurrent 1: x still runs
+    gate.on_trial_complete("x", {"epoch": 7, "val_acc": 0.7})
+    assert inner.results == [("x", 1), ("x", 3)] and inner.completed == {"x": 0.7}
+    assert gate.suggest("y")["role"] == "dependent"
+
+
+def test_a_search_trial_stopped_inside_the_prefix_leaves_it_to_the_next_trial(tmp_path):
+    from dsdtune.study.gates import SearchGate
+    gate = SearchGate(_Recorder(), [0], {0: "p0"}, str(tmp_path), num_samples=3)
+    assert gate.suggest("a")["role"] == "rep"
+    gate.on_trial_complete("a", {"epoch": 2, "val_acc": 0.1, "status": "running"})  # ASHA stopped it at epoch 2
+    assert gate.suggest("b")["role"] == "rep"  # the next trial trains the prefix
