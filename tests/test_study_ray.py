@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -175,6 +176,59 @@ def test_cluster_spreads_trials_and_survives_a_lost_node(tmp_path):
         assert len(set().union(*nodes)) == 2  # trials ran on both workers
         assert trials.node_id.nunique() == 1  # and ended on the one left
         assert any(len(n) == 2 for n in nodes)  # a trial of the lost node restarted on the other one
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_cluster_stops_the_trials_of_every_node_with_a_checkpoint(tmp_path):
+    """Two worker nodes: the stop request reaches the trials of both (the fast test of the mechanism is
+    test_a_stop_request_reaches_a_trial_through_ray_not_the_drivers_disk): every running trial
+    checkpoints, so the driver ends well before its grace time, and a resume finishes every trial."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from dsdtune.study.run import StopOnSignal
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    ray.init(address=cluster.address)
+    try:
+        overrides = ["pipeline.epochs=[4, 400, 400]", "checkpoint_every_s=600",
+                     "search.space={pipeline.sparsity: {grid: [0.0, 0.25, 0.5, 0.75]}}"]
+        args = [str(TINY), "--results", str(tmp_path), "--no-report", "--address", cluster.address]
+        args += sum((["--set", o] for o in overrides), [])
+        sweep_dir = tmp_path / "tiny" / "ray" / "sweep"
+        nodes = {w.node_id for w in workers}
+        stopped_at = []
+
+        def nodes_reporting() -> set:
+            found = set()
+            for path in sweep_dir.glob("*/result.json"):
+                for line in path.read_text().splitlines():
+                    try:
+                        found.add(json.loads(line).get("node_id"))
+                    except ValueError:  # a line being written
+                        pass
+            return found
+
+        def ctrl_c():  # once trials run on both worker nodes
+            wait_for(lambda: nodes <= nodes_reporting(), 300, "trials on both workers")
+            stopped_at.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=ctrl_c, daemon=True).start()
+        assert main(args) == 130
+        assert time.monotonic() - stopped_at[0] < StopOnSignal.grace_s  # no trial was waited for to the end
+        trials = pd.read_csv(tmp_path / "tiny" / "trials.csv")
+        running = trials[trials.epochs_trained > 0]
+        assert set(running.node_id) == nodes and (running.status == "interrupted").all()
+        checkpoints = {p.parent.name for p in sweep_dir.glob("*/checkpoint_*")}
+        assert all(any(str(t) in c for c in checkpoints) for t in running.trial_id)
+        assert main(args + ["--resume"]) == 0
+        trials = pd.read_csv(tmp_path / "tiny" / "trials.csv")
+        assert len(trials) == 8 and (trials.status == "ok").all() and (trials.epochs_trained == 804).all()
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -395,3 +449,89 @@ def test_a_search_trial_stopped_inside_the_prefix_leaves_it_to_the_next_trial(tm
     assert gate.suggest("a")["role"] == "rep"
     gate.on_trial_complete("a", {"epoch": 2, "val_acc": 0.1, "status": "running"})  # ASHA stopped it at epoch 2
     assert gate.suggest("b")["role"] == "rep"  # the next trial trains the prefix
+
+
+class _Result:
+    """What write_results reads of a Tune result: config, last metrics, the reports (each with its epochs)."""
+
+    def __init__(self, trial_id, config, epochs, **metrics):
+        self.config, self.error, self.checkpoint, self.path = config, None, None, f"/nowhere/{trial_id}"
+        self.metrics = {**epochs[-1], "status": "ok", "epochs_trained": 7, "trial_id": trial_id, **metrics}
+        self.metrics_dataframe = pd.DataFrame([{"history_json": json.dumps(epochs[:2])},
+                                               {"history_json": json.dumps(epochs[2:])}])
+
+
+def _epochs(first, phases=(0, 0, 0, 1, 1, 2, 2)):
+    return [{"epoch": e, "phase": phases[e - 1], "val_acc": e / 10, "test_acc": e / 20} for e in range(first, 8)]
+
+
+def test_confirm_history_holds_the_epochs_of_a_prefix_longer_than_the_searchs(tmp_path):
+    """An Optuna search over the first phase's LR shares nothing; its confirm stage (best vs control, which
+    differ in the S phase's sparsity) shares the D phase: the control starts from it, and its history
+    holds the D epochs its representative trained (issue: they were cut at the search's prefix, 0 phases)."""
+    from dsdtune.study.plan import Arm, confirm_arms, make_plan, plan_for_arms
+    from dsdtune.study.results import write_results
+    spec = load_study(Path(__file__).parent / "studies" / "tiny_optuna.yaml",
+                      ["search.space={pipeline.lr.0: {loguniform: [0.01, 0.1]}}", "scheduler={kind: none}"])
+    plan = make_plan(spec)
+    assert plan.prefix_length == 0  # the search shares nothing
+    best = {"pipeline.lr.0": 0.05}
+    arms = confirm_arms(spec, best)
+    confirm_spec = spec.model_copy(update={"seeds": [1000], "search": spec.search.model_copy(
+        update={"algorithm": "grid", "space": {}}), "variants": None})
+    confirm_plan = plan_for_arms(confirm_spec, arms)
+    (pid,) = confirm_plan.prefixes
+    assert confirm_plan.prefix_length == 1
+    search = [_Result("s1", {"assign": best, "seed": 0, "role": "solo"}, _epochs(1), role="solo", prefix_id="",
+                      prefix_phases=0)]
+    confirm = [_Result("rep", {"arm": "best", "seed": 1000, "role": "rep", "prefix": pid}, _epochs(1), role="rep",
+                       prefix_id=pid, prefix_phases=1),
+               _Result("dep", {"arm": "control", "seed": 1000, "role": "dependent", "prefix": pid}, _epochs(4),
+                       role="dependent", prefix_id=pid, prefix_phases=1)]
+    write_results(tmp_path, spec, plan, {"search": search, "confirm": confirm}, arms,
+                  {"search": [0], "confirm": [1000]})
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert not history.duplicated(["trial_id", "epoch"]).any()
+    for trial_id in ("s1", "rep", "dep"):
+        rows = history[history.trial_id == trial_id]
+        assert rows.epoch.tolist() == list(range(1, 8)), trial_id
+    dep = history[history.trial_id == "dep"].set_index("epoch")
+    assert dep.loc[[1, 2, 3], "val_acc"].tolist() == [0.1, 0.2, 0.3]  # the representative's D epochs
+
+
+def test_a_stop_request_reaches_a_trial_through_ray_not_the_drivers_disk(ray_local, tmp_path, monkeypatch):
+    """Ctrl-C's request is a flag in an actor on the driver's node; a trial on any node asks it at epoch
+    ends (at most once a second). No file is involved: another node sees what this one sees."""
+    import ray
+    from dsdtune.study.run import SignalState
+    from dsdtune.trainable import STOP_POLL_S, StopRequests
+
+    @ray.remote(num_cpus=0)
+    def trial_side(name: str, seconds: float):
+        """What a trial's reporter sees, asked at every 'epoch end' (every 50 ms), from a worker process."""
+        import time
+        stop, seen, start = StopRequests(name), [], time.monotonic()
+        while time.monotonic() - start < seconds:
+            seen.append((round(time.monotonic() - start, 2), stop.requested()))
+            if seen[-1][1]:
+                break
+            time.sleep(0.05)
+        return seen
+
+    monkeypatch.chdir(tmp_path)
+    signals = SignalState("tiny", "continue with: ...")
+    signals.start_flag()
+    try:
+        watching = trial_side.remote(signals.flag_name, 30.0)
+        assert not ray.get(trial_side.remote(signals.flag_name, 0.3))[-1][1]  # no stop asked for yet
+        signals.signum, signals.requested_at = signal.SIGINT, time.monotonic()
+        asked = time.monotonic()
+        signals.tell_trials()  # what StopOnSignal does from Tune's loop
+        seen = ray.get(watching)
+        assert seen[-1][1] and not any(s for _, s in seen[:-1])
+        assert time.monotonic() - asked < STOP_POLL_S + 5  # within a poll interval (and the task's return)
+        assert list(tmp_path.iterdir()) == []  # nothing written on the driver's disk
+        assert ray.get(trial_side.remote(signals.flag_name, 0.3))[-1][1]  # a trial starting now sees it at once
+    finally:
+        signals.close()
+    assert not StopRequests("stop-no-such-driver").requested()  # a flag that is gone asks nothing

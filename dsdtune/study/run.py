@@ -147,18 +147,22 @@ class SignalState:
         self._told = False
 
     def install(self) -> None:
-        """After `ray.init` (which sets a SIGTERM handler of its own): the handlers and the stop flag."""
-        try:  # on the driver's node: it lives and dies with the driver, not with a worker node
+        """After `ray.init` (which sets a SIGTERM handler of its own): the stop flag and the handlers."""
+        self.start_flag()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        # Tune's own stop signal; a no-op outside a stage, so that a stray one cannot end the process.
+        signal.signal(signal.SIGUSR1, lambda *_: None)
+
+    def start_flag(self) -> None:
+        """The stop flag the trials ask, on the driver's node: it lives and dies with the driver."""
+        try:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
             strategy = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         except Exception:  # a driver outside the cluster (Ray client): anywhere
             strategy = "DEFAULT"
         self._flag = StopFlag.options(name=self.flag_name, namespace=STOP_NAMESPACE,
                                       scheduling_strategy=strategy).remote()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-        # Tune's own stop signal; a no-op outside a stage, so that a stray one cannot end the process.
-        signal.signal(signal.SIGUSR1, lambda *_: None)
 
     def _handle(self, signum, frame) -> None:
         import sys
