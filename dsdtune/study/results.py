@@ -150,7 +150,7 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
 
     `interrupted`: the study was stopped, so trials without a final status are `interrupted`.
     `missing` lists (stage, arm label, seed, status, prefix id) of the trials that never started
-    (`run.unstarted_trials`): held because their shared prefix diverged or failed (`prefix_diverged`,
+    (`run.unstarted_trials`; (stage, arm label, seed) means `interrupted`): held because their shared prefix diverged or failed (`prefix_diverged`,
     `prefix_error`), or not reached before a stop (`interrupted`); they are written with the ids
     `not-started-<n>` (n in table order; `dsdtune.results`), 0 epochs and no metrics.
     """
@@ -189,7 +189,8 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
         histories += h
         layers += l
         weights += w
-    for stage, arm, seed, status, pid in missing:  # never started
+    for stage, arm, seed, *why in missing:  # never started
+        status, pid = why if why else ("interrupted", "")
         trials.append({"trial_id": None, "stage": stage, "arm": arm, **factor_of(arm), "seed": seed,
                        "status": status, "prefix_id": pid, "epochs_trained": 0})
     trial_frame = pd.DataFrame(trials)
