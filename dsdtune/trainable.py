@@ -166,7 +166,9 @@ class StopRequests:
         try:
             if self._flag is None:
                 self._flag = ray.get_actor(self.name, namespace=STOP_NAMESPACE)
-            self.seen = bool(ray.get(self._flag.requested.remote(), timeout=30))
+            self.seen = bool(ray.get(self._flag.requested.remote(), timeout=10))
+        except ray.exceptions.GetTimeoutError:  # a busy driver node: ask again later
+            pass
         except (ValueError, ray.exceptions.RayError):  # no such flag, or its driver is gone
             self.name = ""
         return self.seen

@@ -535,3 +535,35 @@ def test_a_stop_request_reaches_a_trial_through_ray_not_the_drivers_disk(ray_loc
     finally:
         signals.close()
     assert not StopRequests("stop-no-such-driver").requested()  # a flag that is gone asks nothing
+
+
+def test_tune_stores_and_restores_a_search_gate_and_its_optuna_study(tmp_path):
+    """Through Tune's own save_to_dir / restore_from_dir (what --resume runs): the gate's state comes back
+    into a gate built with this run's max_concurrent, a failed prefix is trained again, and the restored
+    generator asks the gate again although it had said FINISHED."""
+    import optuna
+    from ray.tune.search import Searcher
+    from dsdtune.study.gates import GateGenerator, SearchGate
+    from dsdtune.study.search import make_searcher, open_journal
+    spec = load_study(Path(__file__).parent / "studies" / "tiny_optuna.yaml")
+    journal, root = tmp_path / "optuna.journal", str(tmp_path / "prefixes")
+    gate = SearchGate(make_searcher(spec, open_journal(journal, fresh=True)), [0], {0: "p0"}, root, num_samples=4)
+    generator = GateGenerator(gate)
+    generator._total_samples, generator._counter = 4, 1  # what Tune's experiment sets and counts
+    assert gate.suggest("a")["role"] == "rep"
+    gate.on_trial_complete("a", None, error=True)  # the prefix failed: its only seed drops out
+    assert gate.suggest("b") == Searcher.FINISHED
+    generator._finished = True  # what the generator records on FINISHED
+    generator.save_to_dir(str(tmp_path), "first")
+    fresh = SearchGate(make_searcher(spec, open_journal(journal, fresh=False)), [0], {0: "p0"}, root, num_samples=4,
+                       max_concurrent=1)
+    restored = GateGenerator(fresh)
+    restored.restore_from_dir(str(tmp_path))
+    assert not restored.is_finished() and fresh.max_concurrent == 1
+    assert fresh.suggest("c") is None  # max_concurrent 1: trial a runs again (Tune resumes it)
+    fresh.on_trial_result("a", {"epoch": 3, "val_acc": 0.5, "prefix_stored": "p0"})
+    fresh.on_trial_complete("a", {"epoch": 7, "val_acc": 0.75})
+    second = fresh.suggest("c")
+    assert second["role"] == "dependent" and second["seed"] == 0
+    study = optuna.load_study(study_name="tiny_optuna", storage=open_journal(journal, fresh=False))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
