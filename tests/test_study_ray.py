@@ -195,7 +195,7 @@ def test_ctrl_c_on_a_cluster_stops_the_trials_of_every_node_with_a_checkpoint(tm
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     ray.init(address=cluster.address)
     try:
-        overrides = ["pipeline.epochs=[4, 400, 400]", "checkpoint_every_s=600",
+        overrides = ["pipeline.epochs=[4, 300, 300]", "checkpoint_every_s=600",
                      "search.space={pipeline.sparsity: {grid: [0.0, 0.25, 0.5, 0.75]}}"]
         args = [str(TINY), "--results", str(tmp_path), "--no-report", "--address", cluster.address]
         args += sum((["--set", o] for o in overrides), [])
@@ -228,7 +228,7 @@ def test_ctrl_c_on_a_cluster_stops_the_trials_of_every_node_with_a_checkpoint(tm
         assert all(any(str(t) in c for c in checkpoints) for t in running.trial_id)
         assert main(args + ["--resume"]) == 0
         trials = pd.read_csv(tmp_path / "tiny" / "trials.csv")
-        assert len(trials) == 8 and (trials.status == "ok").all() and (trials.epochs_trained == 804).all()
+        assert len(trials) == 8 and (trials.status == "ok").all() and (trials.epochs_trained == 604).all()
     finally:
         ray.shutdown()
         cluster.shutdown()
