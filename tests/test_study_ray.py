@@ -567,3 +567,29 @@ def test_tune_stores_and_restores_a_search_gate_and_its_optuna_study(tmp_path):
     assert second["role"] == "dependent" and second["seed"] == 0
     study = optuna.load_study(study_name="tiny_optuna", storage=open_journal(journal, fresh=False))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
+
+
+def test_the_best_config_does_not_depend_on_the_order_tune_returns_results_in():
+    """A resumed Optuna study gets its search results back in another order; ties (40 validation
+    samples make many) must still pick the same config, or the confirm stage would continue trials of
+    one config with another."""
+    import itertools
+    from types import SimpleNamespace
+    from dsdtune.study.run import best_assignment
+    spec = load_study(Path(__file__).parent / "studies" / "tiny_optuna.yaml")
+    results = [SimpleNamespace(error=None, config={"assign": {"pipeline.lr.1": lr}},
+                               metrics={"trial_id": f"t_{i:05d}", "val_acc": acc, "status": "ok"})
+               for i, (lr, acc) in enumerate([(0.003, 0.9), (0.002, 0.9), (0.01, 0.875), (0.004, 0.9)])]
+    chosen = {json.dumps(best_assignment(list(order), spec)) for order in itertools.permutations(results)}
+    assert chosen == {json.dumps({"pipeline.lr.1": 0.003})}  # the first suggested of the three best
+
+
+def test_a_resumed_confirm_stage_keeps_the_config_it_started_with(tmp_path, capsys):
+    from dsdtune.study.run import confirmed_config
+    storage = str(tmp_path / "ray")
+    assert confirmed_config(storage, {"pipeline.lr.1": 0.003}, restoring=False) == {"pipeline.lr.1": 0.003}
+    # resumed: the search (whose errored trials ran again) now ranks another config first
+    assert confirmed_config(storage, {"pipeline.lr.1": 0.002}, restoring=True) == {"pipeline.lr.1": 0.003}
+    assert "continues with the config it started with" in capsys.readouterr().out
+    # a confirm stage that starts anew takes the search's best
+    assert confirmed_config(storage, {"pipeline.lr.1": 0.002}, restoring=False) == {"pipeline.lr.1": 0.002}

@@ -346,20 +346,46 @@ def unstarted_trials(stage: str, plan: Plan, arms: list[Arm], results: list, ray
     return rows
 
 
+def _results_dir(ray_storage: str) -> Optional[Path]:
+    """The results folder (the driver's): Ray's state lies in it, or, remote (a cluster's), elsewhere."""
+    if "://" not in ray_storage:
+        return Path(ray_storage).parent
+    console = active_console()
+    return console.results_dir if console is not None else None
+
+
 def optuna_journal(ray_storage: str) -> Optional[Path]:
     """Where an Optuna search keeps its study: beside Ray's state in the results folder (the driver's)."""
     from .search import JOURNAL
-    if "://" not in ray_storage:
-        return Path(ray_storage).parent / JOURNAL
-    console = active_console()  # Ray's state is remote (a cluster's); the results folder is still local
-    return console.results_dir / JOURNAL if console is not None else None
+    results_dir = _results_dir(ray_storage)
+    return results_dir / JOURNAL if results_dir is not None else None
+
+
+def confirmed_config(ray_storage: str, best: dict, restoring: bool) -> dict:
+    """The config the confirm stage runs: the search's best, stored as the stage starts; a restored stage
+    keeps the one it started with (a resumed search, whose errored trials ran again, may now rank another
+    first: its trials would continue with another config)."""
+    from ..atomic import write_text
+    from .state import confirm_file
+    results_dir = _results_dir(ray_storage)
+    if results_dir is None:
+        return best
+    path = confirm_file(results_dir)
+    if restoring and path.exists():
+        started = json.loads(path.read_text())
+        if started != best:
+            print(f"dsdtune: the confirm stage continues with the config it started with, {started} (the "
+                  f"resumed search now ranks {best} first)", flush=True)
+        return started
+    write_text(path, json.dumps(best, sort_keys=True) + "\n")
+    return best
 
 
 def optuna_stages(spec: StudySpec, plan: Plan, ray_storage: str, resume: bool, signals: SignalState):
     """Optuna TPE (with ASHA if asked) over the space, then the best config and control on fresh seeds.
 
     Returns {stage: results}, the best config (or None), the confirm stage's seeds and its trials
-    that never started (`unstarted_trials`).
+    that never started (`unstarted_trials`). A study stopped during the search starts no confirm stage.
     """
     from .search import make_searcher, open_journal  # optuna: imported by the studies that use it
 
@@ -384,19 +410,19 @@ def optuna_stages(spec: StudySpec, plan: Plan, ray_storage: str, resume: bool, s
     best = best_assignment(stages[STAGE_SEARCH], spec)
     confirm_seeds: list[int] = []
     unstarted: list[tuple] = []
-    if spec.confirm and best is not None:
+    if spec.confirm and best is not None and signals.signum is None:
+        best = confirmed_config(ray_storage, best, resume and tune.Tuner.can_restore(
+            f"{ray_storage.rstrip('/')}/{STAGE_CONFIRM}"))
         best_arm, control_arm = confirm_arms(spec, best)
         confirm_seeds = list(range(spec.confirm.first_seed, spec.confirm.first_seed + spec.confirm.seeds))
         confirm_spec = spec.model_copy(update={"seeds": confirm_seeds, "search": spec.search.model_copy(
             update={"algorithm": "grid", "space": {}}), "variants": None})
         confirm_plan = plan_for_arms(confirm_spec, [best_arm, control_arm])
         confirm_plan.model_costs = plan.model_costs
-        began = signals.signum is None  # a stage stopped before it began lists no trials
         stages[STAGE_CONFIRM] = sweep_stage(confirm_spec, confirm_plan, [best_arm, control_arm], ray_storage,
                                             resume, signals, name=STAGE_CONFIRM)
-        if began:
-            unstarted = unstarted_trials(STAGE_CONFIRM, confirm_plan, [best_arm, control_arm], stages[STAGE_CONFIRM],
-                                         ray_storage, signals.signum is not None)
+        unstarted = unstarted_trials(STAGE_CONFIRM, confirm_plan, [best_arm, control_arm], stages[STAGE_CONFIRM],
+                                     ray_storage, signals.signum is not None)
     return stages, best, confirm_seeds, unstarted
 
 
@@ -405,10 +431,12 @@ def best_assignment(results: list, spec: StudySpec) -> Optional[dict]:
 
     Trials a scheduler stopped early hold an earlier epoch's value: mixing them into a mean would
     compare unlike things, so a config ranks on its completed trials, and only configs without any
-    completed trial fall back to (and rank below) their last values.
+    completed trial fall back to (and rank below) their last values. Ties go to the config suggested
+    first, and means add up in trial order: a resumed study, whose Tune results come back in another
+    order, chooses the same config (its confirm stage continues the trials of that config).
     """
     groups: dict[str, list] = {}
-    for r in results:
+    for r in sorted(results, key=lambda r: str((r.metrics or {}).get("trial_id", ""))):
         if r.error is None and r.metrics and spec.metric in r.metrics:
             groups.setdefault(json.dumps(r.config["assign"], sort_keys=True), []).append(r.metrics)
     if not groups:
@@ -420,6 +448,4 @@ def best_assignment(results: list, spec: StudySpec) -> Optional[dict]:
         values = done or [m[spec.metric] for m in runs]
         return bool(done), sign * sum(values) / len(values)
 
-    return json.loads(max(groups, key=lambda k: score(groups[k])))
-
-
+    return json.loads(max(groups, key=lambda k: score(groups[k])))  # the first of equals: suggested first

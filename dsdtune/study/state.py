@@ -6,6 +6,9 @@
   of its checkpoints, the source of the user modules it names, dsdtune's version and source; see
   `provenance.study_inputs`), stored when the study starts; `--resume` refuses a spec that differs,
   naming the first field that does, and a changed checkpoint, user module or dsdtune, naming it.
+- `confirm.json`: the config an Optuna study's confirm stage runs, stored when the stage starts: a
+  resumed confirm stage continues with it (a resumed search, whose errored trials run again, may rank
+  another config first).
 - `.dsdtune-made` (in the results folder and in its `ray/` folder): dsdtune made this folder (or
   found it empty), so `--fresh` may clear it. `--fresh` removes only the files dsdtune's writers
   write in a marked results folder (`dsdtune.results.result_files`) and a marked `ray/` folder as a
@@ -88,6 +91,10 @@ def _alive(pid) -> bool:
 
 def spec_file(results_dir: Path) -> Path:
     return state_dir(results_dir) / "spec.json"
+
+
+def confirm_file(results_dir: Path) -> Path:
+    return state_dir(results_dir) / "confirm.json"
 
 
 def store_spec(results_dir: Path, spec: StudySpec, inputs: dict) -> None:
@@ -219,5 +226,6 @@ def start_fresh(results_dir: Path, ray_dir: Optional[Path]) -> None:
     if masks.is_dir() and not any(masks.iterdir()):
         masks.rmdir()
     spec_file(results_dir).unlink(missing_ok=True)
+    confirm_file(results_dir).unlink(missing_ok=True)
     if ray_dir is not None and is_marked(ray_dir):
         shutil.rmtree(ray_dir)
