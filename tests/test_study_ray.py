@@ -469,7 +469,7 @@ def test_confirm_history_holds_the_epochs_of_a_prefix_longer_than_the_searchs(tm
     """An Optuna search over the first phase's LR shares nothing; its confirm stage (best vs control, which
     differ in the S phase's sparsity) shares the D phase: the control starts from it, and its history
     holds the D epochs its representative trained (issue: they were cut at the search's prefix, 0 phases)."""
-    from dsdtune.study.plan import Arm, confirm_arms, make_plan, plan_for_arms
+    from dsdtune.study.plan import confirm_arms, make_plan, plan_for_arms
     from dsdtune.study.results import write_results
     spec = load_study(Path(__file__).parent / "studies" / "tiny_optuna.yaml",
                       ["search.space={pipeline.lr.0: {loguniform: [0.01, 0.1]}}", "scheduler={kind: none}"])
