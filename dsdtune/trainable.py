@@ -35,6 +35,10 @@ MASKS_FILE = "masks.npz"
 # seconds, each report carrying the epochs since the last one: every report is a round trip through
 # the driver, which with short epochs costs as much as the training (schedulers get every epoch).
 REPORT_EVERY_S = 2.0
+# A stop request is asked for at most this often (one round trip to the driver's node); the driver
+# waits for running trials to checkpoint for much longer (study.run.StopOnSignal.grace_s).
+STOP_POLL_S = 1.0
+STOP_NAMESPACE = "dsdtune"  # the Ray namespace of the drivers' stop flags
 _GAUGES: dict[str, Any] = {}
 
 
@@ -105,25 +109,19 @@ def _worst(study: dict) -> float:
     return float("-inf") if study["mode"] == "max" else float("inf")
 
 
-def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> None:
-    """Train one trial; `stop_after_prefix` trains only the shared prefix (an Optuna study's stage 'prefix')."""
+def run_trial(config: dict, *, study: dict) -> None:
+    """Train one trial (its role, `rep`, `dependent` or `solo`, says what it does with a shared prefix)."""
     registry.install(study.get("registry"))  # the driver's search folders and registered models/datasets
-    if "assign" in config:  # searched: Optuna's values; seeds by the Repeater's index
+    if "assign" in config:  # searched: Optuna's values, with the seed the search gave the trial
         assignments = config["assign"]
         seed = config.get("seed", study["seeds"][config.get("__trial_index__", 0)])
     else:
         assignments, seed = study["arms"][config["arm"]], config["seed"]
     spec = build_run_spec(study["base"], assignments, seed)
-    metric = study["metric"]
     # how many leading phases this trial shares with others (per arm; one length for a search's trials)
     length = study.get("prefix_lengths", {}).get(config.get("arm"), study["prefix_length"])
     role = config.get("role", "solo")
     my_prefix = prefix_id(spec, length) if length > 0 and role != "solo" else ""
-    prefix_status = config.get("prefix_status") or study.get("failed_prefixes", {}).get(my_prefix)
-    if prefix_status:  # its prefix diverged or failed: there is nothing to train from
-        tune.report({"status": prefix_status, "prefix_id": my_prefix, "epoch": 0, "epochs_trained": 0,
-                     metric: _worst(study)})
-        return
     torch.set_num_threads(max(1, int(study["cpus_per_trial"])))
     stores_prefix = role == "rep" and bool(my_prefix)
     # The trial that trains a shared prefix keeps the weights every arm sharing it will rewind to.
@@ -138,13 +136,42 @@ def run_trial(config: dict, *, study: dict, stop_after_prefix: bool = False) -> 
     elif role == "dependent":
         pipeline.load_state_dict(load_prefix(study["prefix_root"], my_prefix))
         started_from = "prefix"
-    stop_after = length - 1 if stop_after_prefix else None
     reporter = TrialReporter(study, spec, prefix=my_prefix if stores_prefix else "", prefix_phases=length,
-                             last_phase=stop_after if stop_after is not None else len(pipeline.phases) - 1,
+                             last_phase=len(pipeline.phases) - 1,
                              extras={"prefix_id": my_prefix, "prefix_phases": length if my_prefix else 0,
                                      "started_from": started_from, "role": role,
                                      "node_id": ray.get_runtime_context().get_node_id()})
-    pipeline.run(on_epoch=reporter.on_epoch, stop_after_phase=stop_after)
+    pipeline.run(on_epoch=reporter.on_epoch)
+
+
+class StopRequests:
+    """Whether the driver asked the study to stop: its stop flag is a Ray actor on the driver's node.
+
+    On a cluster the driver's disk is not the trial's, and the study's storage may be an object store
+    whose every stat costs a request; an actor call reaches the driver from any node (a round trip of
+    about a millisecond), so a trial asks at epoch ends, at most every STOP_POLL_S. A flag that cannot
+    be reached (its driver is gone, or the trial runs outside a study) asks nothing.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.seen = False
+        self._flag = None
+        self._asked = -float("inf")
+
+    def requested(self) -> bool:
+        if self.seen or not self.name or time.monotonic() - self._asked < STOP_POLL_S:
+            return self.seen
+        self._asked = time.monotonic()
+        try:
+            if self._flag is None:
+                self._flag = ray.get_actor(self.name, namespace=STOP_NAMESPACE)
+            self.seen = bool(ray.get(self._flag.requested.remote(), timeout=10))
+        except ray.exceptions.GetTimeoutError:  # a busy driver node: ask again later
+            pass
+        except (ValueError, ray.exceptions.RayError):  # no such flag, or its driver is gone
+            self.name = ""
+        return self.seen
 
 
 class TrialReporter:
@@ -162,6 +189,7 @@ class TrialReporter:
         self.extras = extras
         self.tags = {"study": study["name"], "trial": tune.get_context().get_trial_name() or "trial"}
         self.unreported: list[dict] = []  # the epochs since the last report
+        self.stop = StopRequests(study.get("stop_flag") or "")
         self.last_report = self.last_checkpoint = time.monotonic()
 
     def on_epoch(self, metrics: dict, pipeline: Pipeline) -> None:
@@ -171,8 +199,7 @@ class TrialReporter:
         self.set_gauges(metrics, pipeline, report)
         at_boundary = pipeline.epoch_in_phase == 0  # a phase just ended
         checkpoint_due = time.monotonic() - self.last_checkpoint >= self.study["checkpoint_every_s"]
-        stop_file = self.study.get("stop_file") or ""
-        stop_requested = bool(stop_file) and os.path.exists(stop_file)  # the driver is stopping the study
+        stop_requested = self.stop.requested()  # the driver is stopping the study
         if not (self.study.get("report_every_epoch") or at_boundary or checkpoint_due or finished or stop_requested
                 or time.monotonic() - self.last_report >= REPORT_EVERY_S):
             return

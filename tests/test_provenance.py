@@ -49,3 +49,19 @@ def test_provenance_records_spec_versions_machine_git_and_times(tmp_path):
 def test_no_git_commit_outside_a_repository(tmp_path):
     (tmp_path / "s.yaml").write_text("name: s\n")
     assert git_commit(tmp_path / "s.yaml") is None
+
+
+def test_provenance_pins_dsdtunes_own_commit_and_the_inputs_by_content():
+    """study.json names the dsdtune that ran the study, not only the study file's repository."""
+    import dsdtune
+    from dsdtune.study.plan import make_plan
+    from dsdtune.study.provenance import dsdtune_source, study_inputs
+    spec = load_study(TINY)
+    inputs = study_inputs(spec, make_plan(spec).runs)
+    record = provenance(spec, None, inputs=inputs)
+    package = Path(dsdtune.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (an installed dsdtune has no commit)
+        assert record["dsdtune_git"]["commit"] == head.stdout.strip()
+    assert record["inputs"] == inputs == {"checkpoints": {}, "modules": {}, "dsdtune": dsdtune_source()}
+    assert inputs["dsdtune"]["version"] == dsdtune.__version__ and len(inputs["dsdtune"]["sha256"]) == 64

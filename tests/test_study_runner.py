@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 import dsdtune
 from drivers import start_study, wait_for
@@ -154,3 +155,159 @@ def test_first_difference_names_the_first_changed_field():
     assert first_difference(old, old) is None
     assert first_difference(old, {**old, "pipeline": {"flow": "DSD", "lr": [0.2, None]}}) == "pipeline.lr"
     assert first_difference(old, {**old, "seeds": 4}) == "seeds"
+
+
+# ---- --resume: only the same study, with this run's settings, and a failed prefix trained again ----
+
+def _user_project(folder: Path, name: str, model_source: str, **study) -> Path:
+    """A study file beside a user's model module `name` (tiny's task and flow otherwise)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text(model_source)
+    spec = yaml.safe_load(TINY.read_text())
+    spec["name"] = name
+    spec["task"]["model"] = f"{name}:net"
+    spec["task"].pop("model_args", None)
+    spec.update(study)
+    (folder / "study.yaml").write_text(yaml.safe_dump(spec))
+    return folder / "study.yaml"
+
+
+PINNED_NET = '''from torch import nn
+
+
+def net(input_shape, num_classes):
+    return nn.Sequential(nn.Linear(input_shape[0], 16), nn.ReLU(), nn.Linear(16, num_classes))
+'''
+
+
+def test_resume_refuses_a_changed_checkpoint_user_module_or_dsdtune_in_one_line(tmp_path, capsys, monkeypatch):
+    from dsdtune import registry
+    from dsdtune.study import main
+    from dsdtune.study.plan import make_plan
+    from dsdtune.study.provenance import study_inputs
+    from dsdtune.study.state import check_same_spec, spec_file, store_spec
+    monkeypatch.setattr(registry, "_SEARCH_PATHS", [])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    project = tmp_path / "project"
+    study = _user_project(project, "pinned_net", PINNED_NET, init={"checkpoint": "trained.pt"})
+    exec(compile(PINNED_NET, "pinned_net", "exec"), namespace := {})
+    torch.manual_seed(0)
+    torch.save(namespace["net"]((12,), 4).state_dict(), project / "trained.pt")
+    # the stored study, as the run that started it left it (its Ray state included)
+    registry.add_search_paths([str(project)])
+    spec = load_study(study)
+    results = tmp_path / "results"
+    out = results / spec.name
+    (out / "ray" / "sweep").mkdir(parents=True)
+    (out / "ray" / "sweep" / "experiment_state.json").write_text("{}")
+    inputs = study_inputs(spec, make_plan(spec).runs)
+    assert set(inputs["modules"]) == {"pinned_net"} and list(inputs["checkpoints"]) == [str(project / "trained.pt")]
+    store_spec(out, spec, inputs)
+    check_same_spec(out, spec, study_inputs(spec, make_plan(spec).runs))  # nothing changed: resumable
+    args = [str(study), "--results", str(results), "--no-report", "--resume"]
+
+    def refused() -> str:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("dsdtune: --resume: ") and "--fresh" in err
+        return err
+
+    original = (project / "trained.pt").read_bytes()
+    torch.manual_seed(1)  # another checkpoint under the same name
+    torch.save(namespace["net"]((12,), 4).state_dict(), project / "trained.pt")
+    assert f"init.checkpoint {project / 'trained.pt'} changed" in refused()
+    (project / "trained.pt").write_bytes(original)
+    (project / "pinned_net.py").write_text(PINNED_NET.replace("ReLU", "Tanh"))  # the user's model changed
+    assert f"module pinned_net ({project / 'pinned_net.py'}) changed" in refused()
+    (project / "pinned_net.py").write_text(PINNED_NET)
+    stored = json.loads(spec_file(out).read_text())
+    stored["inputs"]["dsdtune"]["sha256"] = "0" * 64  # started by another dsdtune
+    spec_file(out).write_text(json.dumps(stored))
+    assert "dsdtune changed" in refused()
+    del stored["inputs"]  # started before dsdtune recorded them
+    spec_file(out).write_text(json.dumps(stored))
+    assert "an older dsdtune" in refused()
+
+
+def test_resume_with_nothing_stored_says_how_to_start_in_one_line(tmp_path, capsys):
+    from dsdtune.study import main
+    assert main([str(TINY), "--results", str(tmp_path / "results"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"dsdtune: --resume: nothing to resume in {(tmp_path / 'results' / 'tiny').resolve()} (no run of "
+                   f"study 'tiny' is stored there); start it without --resume\n")
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_local_ray_that_is_not_on_loopback_is_shut_down_and_refused(tmp_path):
+    """Loopback-only rests on a private Ray switch: a Ray that ignored it would show another address."""
+    code = ("import sys, ray\n"
+            "nodes = ray.nodes\n"
+            "ray.nodes = lambda: [dict(n, NodeManagerAddress='192.0.2.7') for n in nodes()]\n"
+            "from dsdtune.study import main\n"
+            "code = main(sys.argv[1:])\n"
+            "print('ray running:', ray.is_initialized())\n"
+            "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(TINY), "--results", str(tmp_path), "--no-report",
+                           "--num-cpus", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "ray running: False" in proc.stdout and "Traceback" not in proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("dsdtune:")]
+    assert len(ours) == 1 and ours[0].startswith("dsdtune: Ray's local instance took the address 192.0.2.7")
+    assert not (tmp_path / "tiny" / "trials.csv").exists()
+
+
+FAULTY_NET = '''"""A user's model that fails in training while the file FAULT lies beside this module."""
+import os
+
+from torch import nn
+
+FAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "FAULT")
+
+
+class Net(nn.Sequential):
+    def forward(self, x):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls > 5 and os.path.exists(FAULT):  # the driver's checks pass; a trial's first epoch fails
+            raise RuntimeError("injected fault")
+        return super().forward(x)
+
+
+def net(input_shape, num_classes):
+    return Net(nn.Linear(input_shape[0], 16), nn.ReLU(), nn.Linear(16, num_classes))
+'''
+
+
+def test_a_resume_trains_a_failed_prefix_and_its_trials_with_this_runs_settings(ray_local, tmp_path, monkeypatch):
+    """Both representatives fail (max_failures 0), so their trials never start (prefix_error); the resume,
+    with max_failures, max_concurrent and a tracker changed, trains the prefixes and then every trial."""
+    from ray import tune
+    from dsdtune import registry
+    from dsdtune.study import main
+    monkeypatch.setattr(registry, "_SEARCH_PATHS", [])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    study = _user_project(tmp_path / "project", "faulty_net", FAULTY_NET)
+    (tmp_path / "project" / "FAULT").write_text("")
+    results = tmp_path / "results"
+    args = [str(study), "--results", str(results), "--no-report", "--set", "pipeline.epochs=[2, 1, 1]"]
+    assert main(args + ["--set", "max_failures=0"]) == 1  # trials errored
+    out = results / "faulty_net"
+    first = pd.read_csv(out / "trials.csv")
+    assert sorted(first.status) == ["error", "error", "prefix_error", "prefix_error"]
+    held = first[first.status == "prefix_error"]
+    assert (held.epochs_trained == 0).all() and held.trial_id.str.startswith("not-started-").all()
+    assert held.prefix_id.isin(first[first.status == "error"].prefix_id).all() and held.final_val_acc.isna().all()
+
+    (tmp_path / "project" / "FAULT").unlink()
+    resume = ["--resume", "--set", "max_failures=3", "--set", "max_concurrent=1", "--log", "tensorboard"]
+    assert main(args + resume) == 0
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 4 and (trials.status == "ok").all() and (trials.epochs_trained == 4).all()
+    history = pd.read_csv(out / "history.csv")
+    assert history.groupby("trial_id").epoch.apply(list).map(lambda e: e == [1, 2, 3, 4]).all()
+    assert set(history.trial_id) == set(trials.trial_id)
+    # this run's settings: the tracker logged every trial that ran, max_failures is in every trial
+    runs = {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}
+    assert len(runs) == 4
+    stage = tune.ExperimentAnalysis(str(out / "ray" / "sweep"))
+    assert sorted(t.max_failures for t in stage.trials) == [3, 3, 3, 3]

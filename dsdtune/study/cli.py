@@ -17,9 +17,9 @@ from typing import Optional
 
 from .. import registry
 from ..config import SpecError, default_studies_dir, load_study, resolve_study_path
-from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, confirm_arms, describe_plan, make_plan
-from .state import (StudyLock, check_fresh, check_same_spec, claim_folders, holds_ray_state, start_fresh, stop_file,
-                    store_spec)
+from .plan import STAGE_CONFIRM, STAGE_SEARCH, STAGE_SWEEP, confirm_arms, describe_plan, make_plan
+from .state import (StudyLock, check_fresh, check_same_spec, claim_folders, holds_ray_state, nothing_to_resume,
+                    spec_file, start_fresh, store_spec)
 from .tasks import describe_tasks, distinct_runs
 from .tracking import check_tracking
 from .validate import check_control, check_gpu, check_search, check_storage, check_tasks
@@ -95,12 +95,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         if has_state and not (args.resume or args.fresh):
             raise SpecError(f"{results_dir} already holds a run of this study: add --resume to continue it, or "
                             f"--fresh to remove it and start over")
+        if args.resume and not args.fresh and not has_state and not spec_file(results_dir).exists():
+            raise nothing_to_resume(results_dir, spec.name)
         if args.fresh:
             check_fresh(results_dir, ray_state, spec.name)
+        from .provenance import study_inputs
+        inputs = study_inputs(spec, plan.runs)  # checkpoints, user modules, dsdtune: pinned by content
         lock = StudyLock(results_dir)
         lock.acquire()
-        if args.resume and not args.fresh and (has_state or ray_state is None):
-            check_same_spec(results_dir, spec)
+        if args.resume and not args.fresh:
+            check_same_spec(results_dir, spec, inputs)
         runtime_env = registry.runtime_env([name for run in distinct_runs(plan)
                                             for name in (run.task.model, run.task.dataset)], bool(args.address))
     except SpecError as err:
@@ -109,24 +113,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"dsdtune: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return _run(args, argv, spec, plan, results_dir, ray_storage, runtime_env)
+        return _run(args, argv, spec, plan, results_dir, ray_storage, runtime_env, inputs)
+    except SpecError as err:  # refused once Ray ran (e.g. a local Ray not on loopback): Ray is shut down
+        print(f"dsdtune: {err}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         lock.release()
 
 
-def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str, runtime_env) -> int:
+def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str, runtime_env, inputs: dict) -> int:
     print(describe_plan(spec, plan), flush=True)
     ray_state = Path(ray_storage) if "://" not in ray_storage else None
     if args.fresh:
         start_fresh(results_dir, ray_state)
     claim_folders(results_dir, ray_state, spec.name)
-    store_spec(results_dir, spec)
+    store_spec(results_dir, spec, inputs)
     hint = f"continue with: {resume_command(argv)}"
     from .progress import StudyConsole
     from .provenance import now, provenance
-    from .run import SignalState, connect, optuna_stages, sweep_stage, sweep_trials
-    signals = SignalState(stop_file(results_dir), hint)
-    signals.clear_stop_file()
+    from .run import SignalState, connect, optuna_stages, sweep_stage, unstarted_trials
+    signals = SignalState(spec.name, hint)
     started, started_at = time.monotonic(), now()
     console = StudyConsole(spec, results_dir, verbose=args.verbose, log=tuple(args.log),
                            factors_by_label={a.label: a.factors for a in plan.arms})
@@ -137,28 +143,26 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
         console.connected()
         signals.install()  # after ray.init, which sets a SIGTERM handler of its own
         arms = list(plan.arms)
-        seeds_by_stage = {STAGE_PREFIX: plan.seeds, STAGE_SWEEP: plan.seeds, STAGE_SEARCH: plan.seeds}
+        seeds_by_stage = {STAGE_SWEEP: plan.seeds, STAGE_SEARCH: plan.seeds}
         if spec.search.algorithm == "optuna":
-            stages, best, confirm_seeds = optuna_stages(spec, plan, ray_storage, args.resume, signals)
+            stages, best, confirm_seeds, missing = optuna_stages(spec, plan, ray_storage, args.resume, signals)
             if best is not None:
                 arms += confirm_arms(spec, best)
                 print(f"dsdtune: best config by mean {spec.metric}: {best}", flush=True)
             seeds_by_stage[STAGE_CONFIRM] = confirm_seeds
-            missing = ()
         else:
             stages = {STAGE_SWEEP: sweep_stage(spec, plan, plan.arms, ray_storage, args.resume, signals)}
-            seen = {((r.config or {}).get("arm"), (r.config or {}).get("seed")) for r in stages[STAGE_SWEEP]}
-            missing = [(STAGE_SWEEP, t["arm"], t["seed"]) for t in sweep_trials(plan, plan.arms)
-                       if (t["arm"], t["seed"]) not in seen]
+            missing = unstarted_trials(STAGE_SWEEP, plan, plan.arms, stages[STAGE_SWEEP], ray_storage,
+                                       signals.signum is not None)
         interrupted = signals.signum is not None
         from .results import write_results
         counts = write_results(results_dir, spec, plan, stages, arms, seeds_by_stage, interrupted=interrupted,
-                               missing=missing if interrupted else (),
-                               provenance=provenance(spec, resolve_study_path(args.study), started_at))
+                               missing=missing, provenance=provenance(spec, resolve_study_path(args.study),
+                                                                      started_at, inputs=inputs))
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signals.clear_stop_file()
+        signals.close()
         if owned:
             ray.shutdown()
         console.__exit__(None, None, None)

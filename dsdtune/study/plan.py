@@ -382,8 +382,7 @@ def describe_plan(spec: StudySpec, plan: Plan) -> str:
         for arm in plan.arms:
             lines.append(f"  arm {arm.label}: {plan.epochs_per_trial[arm.label]} epochs per trial")
     if plan.prefixes:
-        where = ("in stage 'prefix', before the search" if spec.search.algorithm == "optuna" else
-                 "by one trial of each, which stores it for the others the moment it ends")
+        where = "by one trial of each, which stores it for the others the moment it ends"
         groups: dict[tuple[int, int], int] = {}
         for pid, (label, _) in plan.prefixes.items():
             key = (plan.arm_prefix_length.get(label, plan.prefix_length), plan.prefix_epochs_of[pid])

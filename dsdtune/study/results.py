@@ -15,7 +15,7 @@ from typing import Optional
 from ..atomic import write_atomic, write_csv, write_text
 from ..config import StudySpec, build_run_spec, get_by_path, spec_hash
 from ..results import HISTORY_CSV, LAYERS_CSV, MASKS_DIR, STUDY_JSON, TRIALS_CSV, WEIGHTS_CSV, not_started_ids
-from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, Arm, Plan, phase_labels
+from .plan import STAGE_CONFIRM, STAGE_SEARCH, STAGE_SWEEP, Arm, Plan, phase_labels
 
 FINAL_STATUSES = ("ok", "diverged", "prefix_diverged", "prefix_error")
 
@@ -84,7 +84,7 @@ def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str
     trials, histories, layers, weights = [], [], [], []
     for result in results:
         config, metrics = result.config or {}, result.metrics or {}
-        if stage != STAGE_PREFIX and not ("arm" in config or "assign" in config):
+        if not ("arm" in config or "assign" in config):
             continue  # created but never configured before a stop: written as a missing trial
         if "assign" in config:
             seed = config.get("seed", seeds[config.get("__trial_index__", 0)] if seeds else 0)
@@ -92,9 +92,7 @@ def _trial_rows(results: list, stage: str, factor_of, prefix_histories: dict[str
             seed = config.get("seed", 0)
         trial_id = metrics.get("trial_id") or Path(result.path).name
         status = trial_status(result, interrupted)
-        if stage == STAGE_PREFIX:  # a shared starting point, not a trial of an arm
-            arm, factors = "prefix", {}
-        elif "assign" in config:
+        if "assign" in config:
             arm = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in config["assign"].items())
             factors = factor_of(config["assign"])
         else:
@@ -150,9 +148,11 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
                   missing: tuple = (), provenance: Optional[dict] = None) -> dict[str, int]:
     """Write trials.csv, history.csv, layers.csv, weights.csv and study.json; returns status counts.
 
-    `interrupted`: the study was stopped, so trials without a final status are `interrupted`, and
-    `missing` lists (stage, arm label, seed) of the trials that never started: they are written as
-    `interrupted` rows with the ids `not-started-<n>` (n in table order; `dsdtune.results`).
+    `interrupted`: the study was stopped, so trials without a final status are `interrupted`.
+    `missing` lists (stage, arm label, seed, status, prefix id) of the trials that never started
+    (`run.unstarted_trials`; (stage, arm label, seed) means `interrupted`): held because their shared prefix diverged or failed (`prefix_diverged`,
+    `prefix_error`), or not reached before a stop (`interrupted`); they are written with the ids
+    `not-started-<n>` (n in table order; `dsdtune.results`), 0 epochs and no metrics.
     """
     import pandas as pd
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -167,15 +167,20 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
         values.update({f: get_by_path(tree, f) for f in plan.factors if f != "variant"})
         return values
 
-    # The epochs of each shared prefix, as its representative trained them (dependents start after them).
-    prefix_histories = {}
+    # The epochs of each shared prefix, as the representative that stored it trained them (dependents
+    # start after them). In a search, a representative that a scheduler stopped inside the prefix
+    # left it to a later trial of its seed: the one that trained past the prefix is the one that stored it.
+    prefix_histories, complete = {}, set()
     for results in stages.values():
         for result in results:
             metrics = result.metrics or {}
-            if metrics.get("role") == "rep" and metrics.get("prefix_id"):
+            pid = metrics.get("prefix_id")
+            if metrics.get("role") == "rep" and pid and pid not in complete:
                 shared = metrics.get("prefix_phases", plan.prefix_length)  # the phases its prefix holds
-                rows = [h for h in reported_epochs(result) if h.get("phase", 0) < shared]
-                prefix_histories.setdefault(metrics["prefix_id"], rows)
+                reported = reported_epochs(result)
+                prefix_histories[pid] = [h for h in reported if h.get("phase", 0) < shared]
+                if any(h.get("phase", 0) >= shared for h in reported):
+                    complete.add(pid)
     trials, histories, layers, weights = [], [], [], []
     for stage, results in stages.items():
         t, h, l, w = _trial_rows(results, stage, factor_of, prefix_histories, seeds_by_stage.get(stage, plan.seeds),
@@ -184,15 +189,16 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
         histories += h
         layers += l
         weights += w
-    for stage, arm, seed in missing:  # never started before the study was stopped
+    for stage, arm, seed, *why in missing:  # never started
+        status, pid = why if why else ("interrupted", "")
         trials.append({"trial_id": None, "stage": stage, "arm": arm, **factor_of(arm), "seed": seed,
-                       "status": "interrupted", "epochs_trained": 0})
+                       "status": status, "prefix_id": pid, "epochs_trained": 0})
     trial_frame = pd.DataFrame(trials)
     labels = phase_labels(spec, plan)
     phase_columns = [c for label in labels for c in (f"acc_after_{label}", f"val_acc_after_{label}")
                      if c in trial_frame.columns]
     trial_frame = trial_frame[[c for c in trial_frame.columns if c not in phase_columns] + phase_columns]
-    order = {STAGE_PREFIX: 0, STAGE_SWEEP: 1, STAGE_SEARCH: 1, STAGE_CONFIRM: 2}
+    order = {STAGE_SWEEP: 1, STAGE_SEARCH: 1, STAGE_CONFIRM: 2}
     if not trial_frame.empty:
         trial_frame = trial_frame.sort_values(by=["stage", "arm", "seed"], key=lambda c: c.map(order) if c.name == "stage" else c,
                                               kind="stable")
@@ -223,8 +229,7 @@ def write_results(results_dir: Path, spec: StudySpec, plan: Plan, stages: dict[s
     write_text(results_dir / STUDY_JSON, json.dumps(meta, indent=2, default=str) + "\n")
     counts: dict[str, int] = {}
     for row in trials:
-        if row["stage"] != STAGE_PREFIX:
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
     return counts
 
 

@@ -2,9 +2,13 @@
 
 - `lock`: the pid and host of the driver running the study; a second driver is refused, and the
   lock of a process that no longer runs (on this host) is taken over.
-- `spec.json`: the resolved spec and its hash, stored when the study starts; `--resume` refuses a
-  spec that differs, naming the first field that does.
-- `stop`: written on Ctrl-C/SIGTERM; running trials that see it checkpoint at their next epoch end.
+- `spec.json`: the resolved spec and its hash, and what else shaped the trials (`inputs`: the content
+  of its checkpoints, the source of the user modules it names, dsdtune's version and source; see
+  `provenance.study_inputs`), stored when the study starts; `--resume` refuses a spec that differs,
+  naming the first field that does, and a changed checkpoint, user module or dsdtune, naming it.
+- `confirm.json`: the config an Optuna study's confirm stage runs, stored when the stage starts: a
+  resumed confirm stage continues with it (a resumed search, whose errored trials run again, may rank
+  another config first).
 - `.dsdtune-made` (in the results folder and in its `ray/` folder): dsdtune made this folder (or
   found it empty), so `--fresh` may clear it. `--fresh` removes only the files dsdtune's writers
   write in a marked results folder (`dsdtune.results.result_files`) and a marked `ray/` folder as a
@@ -31,10 +35,6 @@ MARKER = ".dsdtune-made"
 
 def state_dir(results_dir: Path) -> Path:
     return results_dir / STATE_DIR
-
-
-def stop_file(results_dir: Path) -> Path:
-    return state_dir(results_dir) / "stop"
 
 
 class StudyLock:
@@ -93,25 +93,64 @@ def spec_file(results_dir: Path) -> Path:
     return state_dir(results_dir) / "spec.json"
 
 
-def store_spec(results_dir: Path, spec: StudySpec) -> None:
-    stored = {"hash": spec_hash(spec), "spec": study_identity(spec)}
+def confirm_file(results_dir: Path) -> Path:
+    return state_dir(results_dir) / "confirm.json"
+
+
+def store_spec(results_dir: Path, spec: StudySpec, inputs: dict) -> None:
+    stored = {"hash": spec_hash(spec), "spec": study_identity(spec), "inputs": inputs}
     write_text(spec_file(results_dir), json.dumps(stored, indent=2) + "\n")
 
 
-def check_same_spec(results_dir: Path, spec: StudySpec) -> None:
-    """`--resume` continues the stored study only: a changed spec is refused, naming the first difference."""
+def nothing_to_resume(results_dir: Path, study: str) -> SpecError:
+    """`--resume` where nothing of this study is stored: the one line that says how to start it."""
+    return SpecError(f"--resume: nothing to resume in {results_dir} (no run of study {study!r} is stored there); "
+                    f"start it without --resume")
+
+
+def check_same_spec(results_dir: Path, spec: StudySpec, inputs: dict) -> None:
+    """`--resume` continues the stored study only: a changed spec is refused, naming the first difference,
+    and so is a changed checkpoint, user module or dsdtune (`inputs`), naming which."""
     path = spec_file(results_dir)
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         raise SpecError(f"--resume: {results_dir} has no stored study spec to check this one against (it was "
                         f"started by an older dsdtune, or never started); use --fresh to start over") from None
-    if stored.get("hash") == spec_hash(spec):
-        return
-    field = first_difference(stored.get("spec", {}), study_identity(spec)) or "the spec"
-    old, new = _value(stored.get("spec", {}), field), _value(study_identity(spec), field)
-    raise SpecError(f"--resume: {field} differs from the stored study ({old!r} then, {new!r} now); resume with the "
-                    f"same study file and --set values, or use --fresh to start over")
+    if stored.get("hash") != spec_hash(spec):
+        field = first_difference(stored.get("spec", {}), study_identity(spec)) or "the spec"
+        old, new = _value(stored.get("spec", {}), field), _value(study_identity(spec), field)
+        raise SpecError(f"--resume: {field} differs from the stored study ({old!r} then, {new!r} now); resume with "
+                        f"the same study file and --set values, or use --fresh to start over")
+    if "inputs" not in stored:
+        raise SpecError("--resume: the stored study does not record its checkpoints, user modules and dsdtune "
+                        "version (an older dsdtune started it), so a resume could mix them; use --fresh to start over")
+    changed = changed_input(stored["inputs"], inputs)
+    if changed:
+        raise SpecError(f"--resume: {changed} since the study started, so its trials would mix two versions; "
+                        f"restore it, or use --fresh to start over")
+
+
+def changed_input(old: dict, new: dict) -> Optional[str]:
+    """What differs between two `provenance.study_inputs`, in words (None: nothing)."""
+    def short(digest) -> str:
+        return f"sha256 {digest[:12]}" if digest else "missing"
+
+    for path in sorted(set(old.get("checkpoints", {})) | set(new.get("checkpoints", {}))):
+        before, now = old.get("checkpoints", {}).get(path), new.get("checkpoints", {}).get(path)
+        if before != now:
+            return f"init.checkpoint {path} changed ({short(before)} then, {short(now)} now)"
+    for name in sorted(set(old.get("modules", {})) | set(new.get("modules", {}))):
+        before, now = old.get("modules", {}).get(name), new.get("modules", {}).get(name)
+        if before != now:
+            where = (now or before or {}).get("file") or "no file"
+            return (f"the source of module {name} ({where}) changed "
+                    f"({short((before or {}).get('sha256'))} then, {short((now or {}).get('sha256'))} now)")
+    before, now = old.get("dsdtune", {}), new.get("dsdtune", {})
+    if before != now:
+        return (f"dsdtune changed (version {before.get('version')}, source {short(before.get('sha256'))} then; "
+                f"version {now.get('version')}, source {short(now.get('sha256'))} now)")
+    return None
 
 
 def _value(tree: dict, path: str):
@@ -187,5 +226,6 @@ def start_fresh(results_dir: Path, ray_dir: Optional[Path]) -> None:
     if masks.is_dir() and not any(masks.iterdir()):
         masks.rmdir()
     spec_file(results_dir).unlink(missing_ok=True)
+    confirm_file(results_dir).unlink(missing_ok=True)
     if ray_dir is not None and is_marked(ray_dir):
         shutil.rmtree(ray_dir)
