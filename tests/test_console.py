@@ -28,7 +28,6 @@ def _trial(tid, config, status="PENDING"):
 def test_trial_labels_name_study_arm_and_seed():
     assert trial_label("sweep_s", "sweep", {"arm": "pipeline.sparsity=0.5", "seed": 3}) == \
         "sweep_s/pipeline.sparsity=0.5/seed=3"
-    assert trial_label("s", "prefix", {"arm": "base", "seed": 2, "role": "rep", "prefix": ""}) == "s/prefix/seed=2"
     searched = {"assign": {"pipeline.lr.1": 0.0123456, "pipeline.sparsity": 0.5}, "__trial_index__": 1}
     assert trial_label("s", "search", searched, seeds=[10, 11]) == \
         "s/search/pipeline.lr.1=0.01235, pipeline.sparsity=0.5/seed=11"

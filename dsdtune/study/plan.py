@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import SpecError, StudySpec, build_run_spec, same_value
 
-STAGE_PREFIX, STAGE_SWEEP, STAGE_SEARCH, STAGE_CONFIRM = "prefix", "sweep", "search", "confirm"
+STAGE_SWEEP, STAGE_SEARCH, STAGE_CONFIRM = "sweep", "search", "confirm"
 
 
 @dataclass

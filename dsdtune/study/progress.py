@@ -38,13 +38,11 @@ def trial_label(study: str, stage: str, config: dict, seeds: Optional[list[int]]
 
 
 def arm_label(stage: str, config: dict) -> str:
-    if stage == "prefix":  # an Optuna study's shared prefix, trained before the search
-        return "prefix"
     if "assign" in config:  # searched: the sampled values are the arm
         arm = ", ".join(f"{k}={_fmt(v)}" for k, v in config["assign"].items()) or "base"
     else:
         arm = str(config.get("arm", "base"))
-    return arm if stage in ("sweep", "prefix") else f"{stage}/{arm}"
+    return arm if stage == "sweep" else f"{stage}/{arm}"
 
 
 def trial_seed(config: dict, seeds: Optional[list[int]] = None) -> int:
@@ -407,11 +405,8 @@ class StudyConsole:
                 _, run = _run_of(payload, config)
                 epochs = [p.epochs for p in expand_phases(run.pipeline, run.init)]
                 shared = lengths.get(config.get("arm"), prefix_length)
-                if stage == "prefix":
-                    cache[key] = (0, sum(epochs[:shared]))
-                else:  # a dependent trial starts from its stored prefix
-                    restored = config.get("role") == "dependent" and shared > 0
-                    cache[key] = (sum(epochs[:shared]) if restored else 0, sum(epochs))
+                restored = config.get("role") == "dependent" and shared > 0  # it starts from its stored prefix
+                cache[key] = (sum(epochs[:shared]) if restored else 0, sum(epochs))
             return cache[key]
         return span
 
