@@ -9,8 +9,10 @@ weights, a multi-layer LSTM) shares its FLOPs among them by size, as each weight
 product per time step. Models built only of Linear and Conv layers and FLOP-free modules (the
 built-in MLPs, CNNs and ResNets) are counted with forward hooks and torch's own formulas instead,
 which gives the same numbers without the counter's cost (its first use imports torch's compiler
-stack, seconds in a study's driver); any other model goes through FlopCounterMode. A layer at density d costs d times its dense FLOPs, layer by layer; layers
-that are never pruned stay dense. One training step on one sample costs about 3x its forward FLOPs
+stack, seconds in a study's driver); any other model goes through FlopCounterMode.
+
+A layer at density d costs d times its dense FLOPs, layer by layer; layers that are never pruned
+stay dense. One training step on one sample costs about 3x its forward FLOPs
 (forward, gradient of the input, gradient of the weights).
 
 Training FLOPs come from what each phase's kind recorded while it ran (`phases.PhaseState`): the
