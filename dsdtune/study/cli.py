@@ -18,7 +18,6 @@ from typing import Optional
 from .. import registry
 from ..config import SpecError, default_studies_dir, load_study, resolve_study_path
 from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, confirm_arms, describe_plan, make_plan
-from .ray_start import LocalRayStart
 from .state import (StudyLock, check_fresh, check_same_spec, claim_folders, holds_ray_state, start_fresh, stop_file,
                     store_spec)
 from .tasks import describe_tasks, distinct_runs
@@ -108,20 +107,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             lock.release()
         print(f"dsdtune: {err}", file=sys.stderr)
         return EXIT_USAGE
-    ray_start = None
     try:
-        # Every check passed: Ray's processes come up while the driver imports Tune and claims its folders.
-        if LocalRayStart.wanted(args.address):
-            ray_start = LocalRayStart(args.dashboard_host, args.num_cpus, runtime_env)
-        return _run(args, argv, spec, plan, results_dir, ray_storage, runtime_env, ray_start)
+        return _run(args, argv, spec, plan, results_dir, ray_storage, runtime_env)
     finally:
-        if ray_start is not None and not ray_start.waited:  # _run failed before it took the instance over
-            ray_start.abandon()
         lock.release()
 
 
-def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str, runtime_env,
-         ray_start: Optional[LocalRayStart] = None) -> int:
+def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str, runtime_env) -> int:
     print(describe_plan(spec, plan), flush=True)
     ray_state = Path(ray_storage) if "://" not in ray_storage else None
     if args.fresh:
@@ -138,14 +130,10 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
     console = StudyConsole(spec, results_dir, verbose=args.verbose, log=tuple(args.log),
                            factors_by_label={a.label: a.factors for a in plan.arms})
     owned = False
-    # Before the console takes Ray's output over: what Ray said while starting waits for it (replay).
-    context = ray_start.wait() if ray_start is not None else None
     try:
         console.__enter__()
-        ray, owned = connect(args.address, args.dashboard_host, args.num_cpus, runtime_env, started=context)
+        ray, owned = connect(args.address, args.dashboard_host, args.num_cpus, runtime_env)
         console.connected()
-        if ray_start is not None:
-            ray_start.replay()
         signals.install()  # after ray.init, which sets a SIGTERM handler of its own
         arms = list(plan.arms)
         seeds_by_stage = {STAGE_PREFIX: plan.seeds, STAGE_SWEEP: plan.seeds, STAGE_SEARCH: plan.seeds}

@@ -1,5 +1,4 @@
-"""The Ray stages of a study (with `ray_start`, which starts a local instance early, the only modules
-of `dsdtune.study` that import Ray).
+"""The Ray stages of a study (the only module of `dsdtune.study` that imports Ray).
 
 A grid or random study is one Tuner, `sweep`: every (arm, seed) is a trial. Trials that share a
 prefix (e.g. the dense baseline of a seed) wait for it, not for each other: one of them, the
@@ -21,9 +20,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .ray_start import set_ray_environment
-
-set_ray_environment()  # before Ray and Tune are imported
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray starts: its ports ask for a token
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # signals are ours (see SignalState)
+# Tune's default loggers write every result three times (JSON, CSV, TensorBoard); the JSON one is
+# what the result tables are read from, so it is the one a study adds (see _run_tuner).
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
@@ -38,26 +39,23 @@ from .plan import STAGE_CONFIRM, STAGE_PREFIX, STAGE_SEARCH, STAGE_SWEEP, Arm, P
 
 
 
-def connect(address: Optional[str], dashboard_host: str, num_cpus: Optional[int], runtime_env: Optional[dict] = None,
-            started=None):
+def connect(address: Optional[str], dashboard_host: str, num_cpus: Optional[int], runtime_env: Optional[dict] = None):
     """Start or join Ray; returns (ray, whether we own the connection and must shut it down).
 
     `runtime_env` carries a user's model / dataset modules to the workers (`registry.runtime_env`).
-    `started`: the context of a local instance this study started already (`ray_start.LocalRayStart`).
     """
-    if started is not None:
-        ctx = started
-    elif ray.is_initialized():  # called from a notebook or a test that already connected
+    if ray.is_initialized():  # called from a notebook or a test that already connected
         return ray, False
-    elif address:
-        ctx = ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-    else:
+    if not address:
         # Ray's single-machine mode: its node address becomes 127.0.0.1, so every port a local study
         # opens (GCS, raylet, workers, dashboard agent, metrics) is bound to loopback, not to the network.
         # Ray reads the switch from the environment (its child processes) and from this constant.
         from ray._private import ray_constants
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
+    if address:
+        ctx = ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+    else:
         ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
                        dashboard_host=dashboard_host, runtime_env=runtime_env)
     url = ctx.dashboard_url
