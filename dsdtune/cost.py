@@ -6,8 +6,13 @@ appendix H): the forward FLOPs of each layer are measured once on one batch with
 matmuls and convolutions - enter, so biases, norms and activations are left out) and attributed to
 the layer whose module ran them; a module that owns several weights (a GRU's input and hidden
 weights, a multi-layer LSTM) shares its FLOPs among them by size, as each weight enters one matrix
-product per time step. A layer at density d costs d times its dense FLOPs, layer by layer; layers
-that are never pruned stay dense. One training step on one sample costs about 3x its forward FLOPs
+product per time step. Models built only of Linear and Conv layers and FLOP-free modules (the
+built-in MLPs, CNNs and ResNets) are counted with forward hooks and torch's own formulas instead,
+which gives the same numbers without the counter's cost (its first use imports torch's compiler
+stack, seconds in a study's driver); any other model goes through FlopCounterMode.
+
+A layer at density d costs d times its dense FLOPs, layer by layer; layers that are never pruned
+stay dense. One training step on one sample costs about 3x its forward FLOPs
 (forward, gradient of the input, gradient of the weights).
 
 Training FLOPs come from what each phase's kind recorded while it ran (`phases.PhaseState`): the
@@ -21,6 +26,7 @@ kernels, so its wall time does not shrink with sparsity. No Ray, no pandas.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -70,11 +76,10 @@ def measure_model(model: nn.Module, batch: torch.Tensor, prunable: Sequence[str]
     """Forward FLOPs of `model` on one `batch` (first dimension = samples), per sample and layer.
 
     `prunable` names the weights masks apply to (as `prunable_weights` returns them). Runs in eval
-    mode without gradients; a layer's FLOPs are those FlopCounterMode attributes to its module,
-    shared by size among the module's layer weights.
+    mode without gradients; a layer's FLOPs are those its module ran (FlopCounterMode's
+    attribution: a module counts its own ops and its submodules'), shared by size among the
+    module's layer weights.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     all_weights = prunable_weights(model, exclude_first=False)
     missing = [n for n in prunable if n not in all_weights]
     if missing:
@@ -85,25 +90,98 @@ def measure_model(model: nn.Module, batch: torch.Tensor, prunable: Sequence[str]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(batch)
+        with torch.no_grad():
+            counted = _count_with_hooks(model, batch) if _hooks_count_everything(model) else None
+            if counted is None:
+                counted = _count_with_flop_counter(model, batch)
     finally:
         model.train(was_training)
-    by_module = counter.get_flop_counts()
-    root = type(model).__name__  # FlopCounterMode names modules "<RootClass>.<path>"
+    by_module, total = counted
     owners: dict[str, list[str]] = {}
     for name in all_weights:
         owners.setdefault(name.rsplit(".", 1)[0] if "." in name else "", []).append(name)
     layer_flops, layer_numel = {}, {}
     for owner, names in owners.items():
-        key = f"{root}.{owner}" if owner else root
-        module_flops = sum(by_module.get(key, {}).values()) / samples
+        module_flops = by_module.get(owner, 0) / samples
         size = sum(all_weights[n].numel() for n in names)
         for name in names:
             layer_flops[name] = module_flops * all_weights[name].numel() / size
             layer_numel[name] = all_weights[name].numel()
     params = sum(p.numel() for p in model.parameters())
-    return ModelCost(counter.get_total_flops() / samples, layer_flops, layer_numel, params, tuple(prunable))
+    return ModelCost(total / samples, layer_flops, layer_numel, params, tuple(prunable))
+
+
+def _count_with_flop_counter(model: nn.Module, batch: torch.Tensor) -> tuple[dict[str, int], int]:
+    """({module path: FLOPs of it and its submodules}, total FLOPs) from torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(batch)
+    root = type(model).__name__  # FlopCounterMode names modules "<RootClass>.<path>"
+    counts = counter.get_flop_counts()
+    by_module = {path: sum(counts.get(f"{root}.{path}" if path else root, {}).values())
+                 for path, _ in model.named_modules()}
+    return by_module, counter.get_total_flops()
+
+
+# Modules whose forward runs no op FlopCounterMode counts (no matmul, no convolution), matched by
+# exact type: a subclass may override forward.
+_FLOP_FREE = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten, nn.Dropout,
+              nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softmax,
+              nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+              nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_HOOKED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The built-in models' own classes only compose their submodules with FLOP-free tensor ops;
+# tests/test_cost_counter.py checks that each one's hook count equals FlopCounterMode's.
+_BUILT_IN_MODELS = "dsdtune.models"
+
+
+def _hooks_count_everything(model: nn.Module) -> bool:
+    """Whether every matmul and convolution of `model`'s forward runs inside a hooked layer."""
+    for module in model.modules():
+        kind = type(module)
+        if kind not in _HOOKED and kind not in _FLOP_FREE and kind.__module__ != _BUILT_IN_MODELS:
+            return False
+    return True
+
+
+def _count_with_hooks(model: nn.Module, batch: torch.Tensor) -> Optional[tuple[dict[str, int], int]]:
+    """The same counts as `_count_with_flop_counter` for a model `_hooks_count_everything` accepts,
+    from forward hooks on its Linear and Conv layers and torch's formulas (`mm_flop`: 2 m k n;
+    `conv_flop_count`: 2 x batch x output positions x kernel size x channels in x out); None if a
+    layer saw an input those formulas do not cover (unbatched), so the caller falls back."""
+    own: dict[str, int] = {}
+    unsupported: list[str] = []
+
+    def hook(path: str):
+        def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            x, w = inputs[0], module.weight
+            if isinstance(module, nn.Linear):
+                if x.dim() < 2:
+                    unsupported.append(path)
+                    return
+                flops = 2 * (x.numel() // x.shape[-1]) * w.shape[1] * w.shape[0]
+            else:
+                if x.dim() != w.dim():  # unbatched input
+                    unsupported.append(path)
+                    return
+                c_out, c_in, *kernel = w.shape
+                flops = 2 * math.prod(output.shape[2:]) * math.prod(kernel) * x.shape[0] * c_out * c_in
+            own[path] = own.get(path, 0) + flops
+        return count
+
+    handles = [m.register_forward_hook(hook(path)) for path, m in model.named_modules() if type(m) in _HOOKED]
+    try:
+        model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if unsupported:
+        return None
+    by_module = {path: sum(f for p, f in own.items() if not path or p == path or p.startswith(path + "."))
+                 for path, _ in model.named_modules()}
+    return by_module, sum(own.values())
 
 
 def samples_between(first: int, last: int, num_train: int, batch_size: int) -> int:

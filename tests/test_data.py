@@ -5,6 +5,9 @@ import os
 import pickle
 import random
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +138,20 @@ def test_mnist1d_disk_cache_and_args(tmp_path, monkeypatch):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
     with pytest.raises(ValueError, match="num_samples"):
         load_dataset("mnist1d", data_dir=str(tmp_path), num_sample=500)
+
+
+def test_mnist1d_cached_copy_loads_without_importing_the_package(tmp_path):
+    """A cached copy needs no mnist1d import (it pulls in scipy.interpolate and matplotlib.pyplot,
+    about a second in every Ray worker)."""
+    first = load_dataset("mnist1d", data_dir=str(tmp_path), num_samples=300)
+    code = ("import sys, torch; from dsdtune.data import load_dataset; "
+            f"d = load_dataset('mnist1d', data_dir={str(tmp_path)!r}, num_samples=300); "
+            "torch.save([d.train_x, d.test_y], sys.argv[1]); print('mnist1d' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fresh.pt")], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip() == "False"
+    train_x, test_y = torch.load(tmp_path / "fresh.pt")
+    assert torch.equal(train_x, first.train_x) and torch.equal(test_y, first.test_y)
 
 
 def test_unknown_dataset_lists_allowed_names():

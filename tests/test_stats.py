@@ -229,6 +229,25 @@ def test_holm_and_bh_match_definitions_and_statsmodels(rng):
     assert h.p_adjusted != pytest.approx(multipletests(p)[1].tolist())
 
 
+def test_holm_leaves_the_garbage_collector_as_it_found_it():
+    """Holm keeps statsmodels' full gc.collect() from visiting the process's older objects by
+    freezing them for the call; they are handed back after it, and a process's own freeze is kept."""
+    import gc
+
+    cycle = []
+    cycle.append(cycle)
+    assert gc.get_freeze_count() == 0
+    assert S.holm([0.01, 0.04, 0.03]).p_adjusted == pytest.approx(holm_by_spec([0.01, 0.04, 0.03]))
+    assert gc.get_freeze_count() == 0 and gc.is_tracked(cycle)
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        S.holm([0.01, 0.04])
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_holm_with_missing_entries_keeps_alignment_and_reports_m():
     p = [0.01, None, 0.04, NAN, 0.03]
     r = S.holm(p)
@@ -536,3 +555,21 @@ def test_friedman_guards():
     assert same.f_statistic == math.inf and same.f_p_value == 0.0
     with pytest.raises(ValueError, match="missing"):
         S.friedman_ranks([[0.9, NAN, 0.8], [0.7, 0.6, 0.5]])
+
+
+def test_wilcoxon_equals_scipy_on_ties_and_zeros(rng):
+    """Small samples with ties or zero differences take scipy's exact permutation path, which
+    dsdtune runs with a vectorized statistic: the same statistic and p-value to the bit."""
+    cases = [[0.01, 0.01, -0.02, 0.03, 0.0, 0.005, 0.01, -0.01], [0.5, -0.5, 0.5, 0.25], [0.0, 0.0, 0.1],
+             [1.0] * 13, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], [0.001 * i for i in range(-7, 8)]]
+    for n in list(range(1, 15)) * 20:
+        cases.append((rng.integers(-3, 4, n) * 0.5).tolist())  # ties and zeros
+        cases.append(rng.normal(0, 1, n).tolist())  # neither: scipy's exact distribution
+    for d in cases:
+        b = np.zeros(len(d))
+        r = S.wilcoxon_signed_rank(d, b)
+        if np.count_nonzero(d) == 0:
+            assert r.status == "no_variance"
+            continue
+        ref = sps.wilcoxon(d, b, zero_method="wilcox", alternative="two-sided", method="auto")
+        assert (r.statistic, r.p_value) == (float(ref.statistic), float(ref.pvalue)), d

@@ -72,7 +72,20 @@ def _load_mnist1d(data_dir: str, **args: Any) -> RawData:
 
     Any key of `mnist1d.data.get_dataset_args()` (except url) can be overridden, e.g. num_samples.
     Generation is seeded by the package's own `seed` arg (default 42), so data match everywhere.
+    The disk cache is named by the overrides and the package's version (which fixes its defaults),
+    so a cached copy loads without importing the package: it imports scipy.interpolate and
+    matplotlib.pyplot, about a second in every process that loads the data (each Ray worker).
     """
+    try:
+        from importlib.metadata import version
+
+        package_version = version("mnist1d")
+    except Exception:  # unknown version: the key holds every argument, defaults included
+        package_version = None
+    if package_version is not None:
+        path = _mnist1d_cache_path(data_dir, args, package_version)
+        if os.path.exists(path):
+            return _load_mnist1d_npz(path)
     from mnist1d.data import get_dataset_args, make_dataset
     from mnist1d.utils import ObjectView
 
@@ -80,33 +93,35 @@ def _load_mnist1d(data_dir: str, **args: Any) -> RawData:
     package_args.pop("url", None)
     _check_args("mnist1d", args, set(package_args))
     package_args.update(args)
-    try:
-        from importlib.metadata import version
-
-        package_version = version("mnist1d")
-    except Exception:  # version metadata is only part of the cache key
-        package_version = "unknown"
-    key = json.dumps({"args": package_args, "version": package_version}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = os.path.join(data_dir, f"mnist1d_{digest}.npz")
+    if package_version is None:
+        path = _mnist1d_cache_path(data_dir, package_args, "unknown")
     if os.path.exists(path):
-        with np.load(path) as arrays:
-            x, y, x_test, y_test = (arrays[k] for k in ("x", "y", "x_test", "y_test"))
-    else:
-        # make_dataset reseeds the global `random` and NumPy RNGs; restore them so generating the
-        # data does not change what a trial draws from those RNGs afterwards.
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            generated = make_dataset(ObjectView(package_args))  # it wants attribute access
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-        x, y = generated["x"].astype(np.float32), generated["y"].astype(np.int64)
-        x_test, y_test = generated["x_test"].astype(np.float32), generated["y_test"].astype(np.int64)
-        write_atomic(path, lambda f: np.savez(f, x=x, y=y, x_test=x_test, y_test=y_test))
+        return _load_mnist1d_npz(path)
+    # make_dataset reseeds the global `random` and NumPy RNGs; restore them so generating the
+    # data does not change what a trial draws from those RNGs afterwards.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        generated = make_dataset(ObjectView(package_args))  # it wants attribute access
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    x, y = generated["x"].astype(np.float32), generated["y"].astype(np.int64)
+    x_test, y_test = generated["x_test"].astype(np.float32), generated["y_test"].astype(np.int64)
+    write_atomic(path, lambda f: np.savez(f, x=x, y=y, x_test=x_test, y_test=y_test))
     return RawData(
         torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(x_test), torch.from_numpy(y_test), 10
     )
+
+
+def _mnist1d_cache_path(data_dir: str, args: Mapping[str, Any], package_version: str) -> str:
+    key = json.dumps({"args": dict(args), "version": package_version}, sort_keys=True)
+    return os.path.join(data_dir, f"mnist1d_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz")
+
+
+def _load_mnist1d_npz(path: str) -> RawData:
+    with np.load(path) as arrays:
+        x, y, x_test, y_test = (torch.from_numpy(arrays[k]) for k in ("x", "y", "x_test", "y_test"))
+    return RawData(x, y, x_test, y_test, 10)
 
 
 def _load_digits(data_dir: str, as_image: bool = False, test_fraction: float = 0.2) -> RawData:

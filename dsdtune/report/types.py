@@ -78,19 +78,24 @@ class ArmTrials:
     label: str
     factors: dict[str, Any]
     rows: pd.DataFrame
+    # ok_rows per metric: the analysis, the figures and report.md ask for the same ones many times
+    _ok: dict[str, pd.DataFrame] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def ok_rows(self, metric: str) -> pd.DataFrame:
-        """Trials with status ok and a finite metric value."""
-        vals = pd.to_numeric(self.rows[metric], errors="coerce") if metric in self.rows else None
-        if vals is None:
-            return self.rows.iloc[0:0]
-        keep = (self.rows["status"] == "ok") & np.isfinite(vals.to_numpy(dtype=float))
-        out = self.rows[keep].copy()
-        out[metric] = vals[keep].astype(float)
-        return out
+        """Trials with status ok and a finite metric value (a copy of its own: change it freely)."""
+        if metric not in self._ok:
+            vals = pd.to_numeric(self.rows[metric], errors="coerce") if metric in self.rows else None
+            if vals is None:
+                out = self.rows.iloc[0:0]
+            else:
+                keep = (self.rows["status"] == "ok") & np.isfinite(vals.to_numpy(dtype=float))
+                out = self.rows[keep].copy()
+                out[metric] = vals[keep].astype(float)
+            self._ok[metric] = out
+        return self._ok[metric].copy()
 
     def values(self, metric: str) -> np.ndarray:
-        return self.ok_rows(metric)[metric].to_numpy(dtype=float) if metric in self.rows else np.array([])
+        return self.ok_rows(metric)[metric].to_numpy(dtype=float, copy=True) if metric in self.rows else np.array([])
 
     def count(self, status: str) -> int:
         return int((self.rows["status"] == status).sum())
