@@ -116,19 +116,24 @@ REPORT_LIBRARIES = ("numpy", "pandas", "scipy.stats", "statsmodels.stats.multite
                     "pydantic", "yaml")
 
 
+ROOT = Path(dsdtune.__file__).resolve().parents[1]  # the dsdtune this benchmark imports
+
+
 def _env() -> dict:
     """The environment of a command: this dsdtune first on the path, as the benchmark imports it."""
     env = dict(os.environ)
-    root = str(Path(dsdtune.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
 def run_command(args: list[str]) -> float:
-    """Wall seconds of `python ARGS` in a fresh interpreter, from its start to its exit (as a shell times it)."""
+    """Wall seconds of `python ARGS` in a fresh interpreter, from its start to its exit (as a shell times it).
+
+    It runs in the folder above the dsdtune this benchmark imports: `python -m` puts the working
+    folder first on the path, so that is the dsdtune the command runs."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+    done = subprocess.run([sys.executable, *args], env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"python {' '.join(args)} failed with exit code {done.returncode}: {done.stderr.strip()[-2000:]}")

@@ -11,6 +11,7 @@ import argparse
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -121,6 +122,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         lock.release()
 
 
+def _import_report() -> None:
+    try:
+        import dsdtune.report  # noqa: F401
+    except Exception:  # raised again where the report runs, and reported there
+        pass
+
+
 def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str, runtime_env, inputs: dict) -> int:
     print(describe_plan(spec, plan), flush=True)
     ray_state = Path(ray_storage) if "://" not in ray_storage else None
@@ -156,6 +164,10 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
                                        signals.signum is not None)
         interrupted = signals.signum is not None
         from .results import write_results
+        if not (args.no_report or interrupted):
+            # The report's libraries (scipy.stats, statsmodels, matplotlib) load while the result
+            # files are written and Ray shuts down, most of which is waiting for Ray's processes.
+            threading.Thread(target=_import_report, name="dsdtune-report-import", daemon=True).start()
         counts = write_results(results_dir, spec, plan, stages, arms, seeds_by_stage, interrupted=interrupted,
                                missing=missing, provenance=provenance(spec, resolve_study_path(args.study),
                                                                       started_at, inputs=inputs))
