@@ -245,6 +245,31 @@ def test_optuna_best_on_validation_vs_confirm(tmp_path):
     assert "fig_search" in paths and paths["fig_search"].stat().st_size > 0
 
 
+def test_figures_drawn_by_forked_children_equal_those_drawn_in_process(tmp_path, monkeypatch):
+    """With two cores and no other thread, the report draws its figures in forked children: the
+    PNGs are the bytes the process itself draws, and a child's error reaches the caller."""
+    import threading
+
+    from dsdtune.report import output
+    make_sweep(tmp_path)
+    serial = write_report(tmp_path, out_dir=tmp_path / "serial")
+    forks = []
+    real_pool = output.multiprocessing.get_context("fork").Pool
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    monkeypatch.setattr(output.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(output.multiprocessing, "get_context",
+                        lambda method: type("Ctx", (), {"Pool": lambda self, n: forks.append(n) or real_pool(n)})())
+    forked = write_report(tmp_path, out_dir=tmp_path / "forked")
+    assert forks == [2]
+    figs = [k for k in serial if k.startswith("fig_")]
+    assert len(figs) >= 3 and set(figs) == {k for k in forked if k.startswith("fig_")}
+    for key in figs:
+        assert forked[key].read_bytes() == serial[key].read_bytes(), key
+    monkeypatch.setattr(output, "save_fig", lambda fig, path: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        write_report(tmp_path, out_dir=tmp_path / "broken")
+
+
 def test_files_written_pngs_and_report_text(tmp_path):
     make_sweep(tmp_path)
     layers = [{"trial_id": t, "layer": f"layers.{i}.weight", "numel": 100, "density": 1.0 if i == 0 else 0.5}

@@ -3,7 +3,9 @@ file atomically (`dsdtune.atomic`), under the names `dsdtune.results` lists for 
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
+import threading
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -23,6 +25,32 @@ def save_fig(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     write_bytes(path, buf.getvalue())
+
+
+_PENDING: list[tuple[Figure, Path]] = []  # what forked children draw: they inherit it
+
+
+def _save_pending(index: int) -> None:
+    save_fig(*_PENDING[index])
+
+
+def save_figs(pending: list[tuple[Figure, Path]]) -> None:
+    """Draw and encode the figures, about half of a report's own time. With several cores and no
+    other thread in this process (forking a process with threads can deadlock the child), forked
+    children draw them side by side, each inheriting the figures it draws; else one after another."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if (len(pending) < 2 or cores < 2 or threading.active_count() > 1
+            or "fork" not in multiprocessing.get_all_start_methods()):
+        for fig, path in pending:
+            save_fig(fig, path)
+        return
+    global _PENDING
+    _PENDING = pending
+    try:
+        with multiprocessing.get_context("fork").Pool(min(cores, len(pending))) as pool:
+            pool.map(_save_pending, range(len(pending)), chunksize=1)
+    finally:
+        _PENDING = []
 
 
 # ------------------------------------------------------------------------------------- entry points
@@ -58,11 +86,8 @@ def write_report(results_dir: str | os.PathLike, metric: str | None = None,
         candidates += [("fig_metric_by_arm", F.plot_arms(an)), ("fig_learning_curves", F.plot_curves(an)),
                        ("fig_layer_density", F.plot_layers(an)), ("fig_weight_hist", F.plot_weights(an)),
                        ("fig_search", F.plot_search(an)), ("fig_metric_vs_training_flops", F.plot_cost(an))]
-        for name, fig in candidates:
-            if fig is not None:
-                path = out / f"{name}{FIGURE_SUFFIX}"
-                save_fig(fig, path)
-                figs[name] = path
+        figs = {name: out / f"{name}{FIGURE_SUFFIX}" for name, fig in candidates if fig is not None}
+        save_figs([(fig, figs[name]) for name, fig in candidates if fig is not None])
     written["summary"] = write_csv(an.summary, out / SUMMARY_CSV)
     written["comparisons"] = write_csv(an.comparisons, out / COMPARISONS_CSV)
     if an.costs is not None and an.costs.trials is not None:
