@@ -118,3 +118,19 @@ def test_resnet20_dense_and_half_sparse_equal_hand_count():
     assert cost.params == 269_722  # the paper's 0.27M
     half = {n: 0.5 for n in prunable}
     assert cost.forward_flops_at(half) == expected["conv1.weight"] + 0.5 * (81_102_080 - expected["conv1.weight"])
+
+
+def test_a_re_dense_model_that_keeps_zeros_counts_only_its_non_zero_entries():
+    """After a re-dense phase a weight can stay exactly 0 (a unit the S phase cut off gets no gradient
+    back): the final parameters and inference FLOPs count what the model holds, not the dense size."""
+    pipe = Pipeline({"task": SYNTHETIC, "pipeline": {"flow": "DSD", "epochs": [2, 1, 1], "lr": [0.1, 0.01, 0.001],
+                                                     "sparsity": 0.5}, "seed": 0})
+    pipe.run()
+    before = pipe.cost()
+    weight = pipe.model.layers[2].weight  # Linear 32 -> 4: 128 entries
+    with torch.no_grad():
+        weight[:, :8] = 0.0  # 8 hidden units cut off: 32 entries
+    after = pipe.cost()
+    assert after.params_final == before.params_final - 32 == sum(int(p.count_nonzero()) for p in pipe.model.parameters())
+    assert after.inference_flops == before.inference_flops - 0.25 * 2 * 32 * 4
+    assert after.inference_flops_dense == before.inference_flops_dense and after.training_flops == before.training_flops

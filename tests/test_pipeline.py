@@ -166,3 +166,26 @@ def test_an_empty_split_scores_nan_not_zero():
     assert all(math.isnan(v) for v in evaluate_batches(model, iter(())))
     loss, acc = evaluate(model, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), 8)
     assert math.isfinite(loss) and acc in (0.0, 1.0)
+
+
+def test_a_random_criterion_leaves_its_seeds_data_order_alone(monkeypatch):
+    """Arms of one seed see the same batches in every phase whatever their criterion draws: the
+    random criterion draws its mask from its own generator, never the data order's (the report's
+    paired tests rest on it)."""
+    import dsdtune.data.tensors as tensors
+
+    orders: list[list[torch.Tensor]] = []
+    real = tensors.batch_indices
+
+    def recorded(n, batch_size, generator, device="cpu"):
+        batches = real(n, batch_size, generator, device)
+        orders[-1].append(torch.cat(batches))
+        return batches
+
+    monkeypatch.setattr(tensors, "batch_indices", recorded)
+    for criterion in ("layerwise_magnitude", "random"):
+        orders.append([])
+        run_pipeline(spec(criterion=criterion))
+    assert len(orders[0]) == len(orders[1]) == 6
+    assert all(torch.equal(a, b) for a, b in zip(*orders))
+    assert not torch.equal(orders[0][2], orders[0][3])  # the order is drawn anew each epoch
