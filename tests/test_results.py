@@ -109,15 +109,6 @@ def test_result_files_are_dsdtunes_own_and_nothing_else(tmp_path):
 # ------------------------------------------------------------------------------------ --fresh, without Ray
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Stop the runner where it would start Ray (everything before it has run)."""
-    class NotRay:
-        def __getattr__(self, name):
-            raise AssertionError("the study reached Ray")
-    monkeypatch.setitem(sys.modules, "dsdtune.study.run", NotRay())
-
-
 def test_fresh_removes_the_previous_runs_files_and_keeps_the_users(tmp_path, no_ray):
     out = tmp_path / "tiny"
     claim_folders(out, out / "ray", "tiny")  # as the previous run did

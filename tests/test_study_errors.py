@@ -110,15 +110,6 @@ OPTUNA_CASES = [
 ]
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the test if the runner gets as far as its Ray module."""
-    class NotRay:
-        def __getattr__(self, name):
-            raise AssertionError("the study reached Ray")
-    monkeypatch.setitem(sys.modules, "dsdtune.study.run", NotRay())
-
-
 @pytest.mark.parametrize("changes,overrides,words", CASES)
 def test_bad_study_is_one_line_and_exit_2(tmp_path, capsys, no_ray, changes, overrides, words):
     results = tmp_path / "results"

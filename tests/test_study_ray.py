@@ -133,6 +133,18 @@ def test_killed_driver_resumes_every_trial_once_with_same_results(tmp_path):
         assert (row.final_test_acc, row.final_val_acc) == (ref["test_acc"], ref["val_acc"]), row.arm
 
 
+def nodes_reporting(sweep_dir) -> set:
+    """The node ids in the trials' result files so far."""
+    found = set()
+    for path in sweep_dir.glob("*/result.json"):
+        for line in path.read_text().splitlines():
+            try:
+                found.add(json.loads(line).get("node_id"))
+            except ValueError:  # a line being written
+                pass
+    return found
+
+
 @pytest.mark.slow
 def test_cluster_spreads_trials_and_survives_a_lost_node(tmp_path):
     import ray
@@ -150,18 +162,8 @@ def test_cluster_spreads_trials_and_survives_a_lost_node(tmp_path):
         sweep_dir = tmp_path / "tiny" / "ray" / "sweep"
         doomed = workers[1].node_id
 
-        def nodes_reporting() -> set:
-            found = set()
-            for path in sweep_dir.glob("*/result.json"):
-                for line in path.read_text().splitlines():
-                    try:
-                        found.add(json.loads(line).get("node_id"))
-                    except ValueError:  # a line being written
-                        pass
-            return found
-
         def remove_a_worker():  # once trials run on both workers (and have checkpoints to restart from)
-            wait_for(lambda: doomed in nodes_reporting() and len(list(sweep_dir.glob("*/checkpoint_*"))) >= 2,
+            wait_for(lambda: doomed in nodes_reporting(sweep_dir) and len(list(sweep_dir.glob("*/checkpoint_*"))) >= 2,
                      300, "trials on both workers")
             cluster.remove_node(workers[1])
 
@@ -203,18 +205,8 @@ def test_ctrl_c_on_a_cluster_stops_the_trials_of_every_node_with_a_checkpoint(tm
         nodes = {w.node_id for w in workers}
         stopped_at = []
 
-        def nodes_reporting() -> set:
-            found = set()
-            for path in sweep_dir.glob("*/result.json"):
-                for line in path.read_text().splitlines():
-                    try:
-                        found.add(json.loads(line).get("node_id"))
-                    except ValueError:  # a line being written
-                        pass
-            return found
-
         def ctrl_c():  # once trials run on both worker nodes
-            wait_for(lambda: nodes <= nodes_reporting(), 300, "trials on both workers")
+            wait_for(lambda: nodes <= nodes_reporting(sweep_dir), 300, "trials on both workers")
             stopped_at.append(time.monotonic())
             os.kill(os.getpid(), signal.SIGINT)
 

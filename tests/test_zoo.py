@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from torch import nn
 
 from dsdtune import registry
 from dsdtune.config import SpecError
@@ -80,14 +79,6 @@ def refused(args, capsys) -> str:
     assert capsys.readouterr().err.strip() == err
     assert not results.exists()
     return err
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    class NotRay:
-        def __getattr__(self, name):
-            raise AssertionError("the study reached Ray")
-    monkeypatch.setitem(sys.modules, "dsdtune.study.run", NotRay())
 
 
 # ---------------------------------------------------------------------------------------------
