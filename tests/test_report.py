@@ -246,12 +246,14 @@ def test_optuna_best_on_validation_vs_confirm(tmp_path):
 
 
 def test_figures_drawn_by_forked_children_equal_those_drawn_in_process(tmp_path, monkeypatch):
-    """With two cores and no other thread, the report draws its figures in forked children: the
-    PNGs are the bytes the process itself draws, and a child's error reaches the caller."""
+    """With two cores and no other thread, the report builds and draws its figures in forked children
+    while it writes its tables: the PNGs are the bytes the process itself draws, and a child's error
+    reaches the caller."""
     import threading
 
     from dsdtune.report import output
     make_sweep(tmp_path)
+    monkeypatch.setattr(threading, "active_count", lambda: 2)  # another thread: drawn in this process
     serial = write_report(tmp_path, out_dir=tmp_path / "serial")
     forks = []
     real_pool = output.multiprocessing.get_context("fork").Pool

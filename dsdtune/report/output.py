@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 from matplotlib.figure import Figure
 
@@ -27,30 +28,79 @@ def save_fig(fig: Figure, path: Path) -> None:
     write_bytes(path, buf.getvalue())
 
 
-_PENDING: list[tuple[Figure, Path]] = []  # what forked children draw: they inherit it
+def _metric_vs_factor(an) -> tuple[str, Figure] | None:
+    named = F.plot_factor(an)  # its name says which factor: fig_metric_vs_<factor>
+    return None if named is None else (named[0][:-len(FIGURE_SUFFIX)], named[1])
 
 
-def _save_pending(index: int) -> None:
-    save_fig(*_PENDING[index])
+def _named(name: str, plot: Callable) -> Callable:
+    def build(an) -> tuple[str, Figure] | None:
+        fig = plot(an)
+        return None if fig is None else (name, fig)
+    return build
 
 
-def save_figs(pending: list[tuple[Figure, Path]]) -> None:
-    """Draw and encode the figures, about half of a report's own time. With several cores and no
+# Every figure a report may draw, in order: builders returning (file name without suffix, Figure),
+# or None when the study has nothing for that figure.
+FIGURES: list[Callable] = [
+    _metric_vs_factor, _named("fig_metric_by_arm", F.plot_arms), _named("fig_learning_curves", F.plot_curves),
+    _named("fig_layer_density", F.plot_layers), _named("fig_weight_hist", F.plot_weights),
+    _named("fig_search", F.plot_search), _named("fig_metric_vs_training_flops", F.plot_cost),
+]
+
+_JOB: tuple = ()  # (analysis, out folder): what forked children inherit
+
+
+def _draw(index: int) -> str | None:
+    """Build figure `index` of FIGURES and write its PNG; its name, or None when it has nothing to show."""
+    an, out = _JOB
+    built = FIGURES[index](an)
+    if built is None:
+        return None
+    name, fig = built
+    save_fig(fig, out / f"{name}{FIGURE_SUFFIX}")
+    return name
+
+
+class FigureDrawing:
+    """Builds and draws the figures, about half of a report's own time. With several cores and no
     other thread in this process (forking a process with threads can deadlock the child), forked
-    children draw them side by side, each inheriting the figures it draws; else one after another."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if (len(pending) < 2 or cores < 2 or threading.active_count() > 1
-            or "fork" not in multiprocessing.get_all_start_methods()):
-        for fig, path in pending:
-            save_fig(fig, path)
-        return
-    global _PENDING
-    _PENDING = pending
-    try:
-        with multiprocessing.get_context("fork").Pool(min(cores, len(pending))) as pool:
-            pool.map(_save_pending, range(len(pending)), chunksize=1)
-    finally:
-        _PENDING = []
+    children do it side by side while the caller writes the tables (`start`, then `finish`); else
+    `finish` does it in this process."""
+
+    def __init__(self, an, out: Path):
+        self.job = (an, out)
+        self.pool = self.pending = None
+
+    def start(self) -> "FigureDrawing":
+        global _JOB
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if cores > 1 and threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+            _JOB = self.job
+            try:
+                self.pool = multiprocessing.get_context("fork").Pool(min(cores, len(FIGURES)))
+                self.pending = self.pool.map_async(_draw, range(len(FIGURES)), chunksize=1)
+            finally:
+                _JOB = ()
+        return self
+
+    def finish(self) -> dict[str, Path]:
+        """{figure name: path} of the figures written, in FIGURES order."""
+        global _JOB
+        if self.pool is None:
+            _JOB = self.job
+            try:
+                names = [_draw(i) for i in range(len(FIGURES))]
+            finally:
+                _JOB = ()
+        else:
+            try:
+                names = self.pending.get()
+            finally:
+                self.pool.terminate()
+                self.pool.join()
+        out = self.job[1]
+        return {name: out / f"{name}{FIGURE_SUFFIX}" for name in names if name is not None}
 
 
 # ------------------------------------------------------------------------------------- entry points
@@ -77,23 +127,14 @@ def write_report(results_dir: str | os.PathLike, metric: str | None = None,
     if not os.access(out, os.W_OK):
         raise ReportError(f"output directory {out} is not writable; pass --out DIR")
     written: dict[str, Path] = {}
-    figs: dict[str, Path] = {}
-    if figures:
-        candidates: list[tuple[str, Figure | None]] = []
-        fv = F.plot_factor(an)
-        if fv is not None:
-            candidates.append((fv[0][:-4], fv[1]))
-        candidates += [("fig_metric_by_arm", F.plot_arms(an)), ("fig_learning_curves", F.plot_curves(an)),
-                       ("fig_layer_density", F.plot_layers(an)), ("fig_weight_hist", F.plot_weights(an)),
-                       ("fig_search", F.plot_search(an)), ("fig_metric_vs_training_flops", F.plot_cost(an))]
-        figs = {name: out / f"{name}{FIGURE_SUFFIX}" for name, fig in candidates if fig is not None}
-        save_figs([(fig, figs[name]) for name, fig in candidates if fig is not None])
+    drawing = FigureDrawing(an, out).start() if figures else None
     written["summary"] = write_csv(an.summary, out / SUMMARY_CSV)
     written["comparisons"] = write_csv(an.comparisons, out / COMPARISONS_CSV)
     if an.costs is not None and an.costs.trials is not None:
         written["costs"] = write_csv(an.costs.trials, out / COSTS_CSV)
     if an.ranks is not None:
         written["ranks"] = write_csv(ranks_frame(an.ranks), out / RANKS_CSV)
+    figs = drawing.finish() if drawing is not None else {}
     written["report"] = write_text(out / REPORT_MD, render_markdown(an, figs, out))
     written.update(figs)
     return written
