@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -279,6 +280,13 @@ def resolve_margin(study: ReportInput, source: SpecSource, margin: float | None)
 def analyze(study: ReportInput, metric: str | None = None, control: str | dict | None = None,
             margin: float | None = None, costs: bool = True) -> Analysis:
     """Arms, per-arm summaries, both comparison families, costs and the rank summary over tasks."""
+    return test_arms(design(study, metric, control, margin=margin, costs=costs))
+
+
+def design(study: ReportInput, metric: str | None = None, control: str | dict | None = None,
+           margin: float | None = None, costs: bool = True) -> Analysis:
+    """The analysis before any statistic: arms, the reference, the metric, costs (what the figures
+    draw). Its summary and comparisons are empty until `test_arms`."""
     metric = resolve_metric(study, metric)
     info = metric_info(metric, study.meta)
     source = study_spec(study)
@@ -308,10 +316,18 @@ def analyze(study: ReportInput, metric: str | None = None, control: str | dict |
     phase_metrics = [f"acc_after_{lab}" for lab in study.phase_labels
                      if f"acc_after_{lab}" in t.columns and f"acc_after_{lab}" != metric]
 
-    metrics = [metric] + phase_metrics + ([val] if val and val != metric else [])
-    srows = summary_rows(arms, "confirm" if search_mode else "all", metrics, study.factors, cost_table)
+    return Analysis(study, info, arms, sweep_arms, search_mode, best, val, reference, baseline_col,
+                    phase_metrics, pd.DataFrame(), pd.DataFrame(), 0, 0, margin, margin_source, source, cost_table)
+
+
+def test_arms(an: Analysis) -> Analysis:
+    """`an` with the per-arm summaries, both comparison families and the rank summary over tasks."""
+    study, info, arms, sweep_arms, reference = an.study, an.info, an.arms, an.sweep_arms, an.reference
+    metric, val, search_mode, baseline_col, margin = an.info.name, an.val_metric, an.search_mode, an.baseline_col, an.margin
+    metrics = [metric] + an.phase_metrics + ([val] if val and val != metric else [])
+    srows = summary_rows(arms, "confirm" if search_mode else "all", metrics, study.factors, an.costs)
     if search_mode:
-        srows += summary_rows(sweep_arms, "sweep", metrics, study.factors, cost_table)
+        srows += summary_rows(sweep_arms, "sweep", metrics, study.factors, an.costs)
     summary = pd.DataFrame(srows)
 
     paired = bool(study.meta.get("shared_prefix"))
@@ -356,7 +372,5 @@ def analyze(study: ReportInput, metric: str | None = None, control: str | dict |
                  "mde", "mde_alpha", "underpowered", "margin", "tost_test", "tost_status", "tost_p",
                  "tost_p_holm", "tost_ci_low", "tost_ci_high", "equivalent"]
         comparisons = comparisons[first + [c for c in comparisons.columns if c not in first]]
-    ranks = rank_summary(study, arms, info)
-    return Analysis(study, info, arms, sweep_arms, search_mode, best, val, reference, baseline_col,
-                    phase_metrics, summary, comparisons, control_m, baseline_m, margin, margin_source,
-                    source, cost_table, ranks)
+    return replace(an, summary=summary, comparisons=comparisons, control_m=control_m, baseline_m=baseline_m,
+                   ranks=rank_summary(study, arms, info))

@@ -15,7 +15,7 @@ from dsdtune.atomic import write_bytes, write_csv, write_text
 from dsdtune.results import COMPARISONS_CSV, COSTS_CSV, FIGURE_SUFFIX, RANKS_CSV, REPORT_MD, SUMMARY_CSV
 
 from . import figures as F
-from .compare import analyze
+from .compare import design, test_arms
 from .load import load_for_report
 from .markdown import render_markdown
 from .ranks import ranks_frame
@@ -65,8 +65,8 @@ def _draw(index: int) -> str | None:
 class FigureDrawing:
     """Builds and draws the figures, about half of a report's own time. With several cores and no
     other thread in this process (forking a process with threads can deadlock the child), forked
-    children do it side by side while the caller writes the tables (`start`, then `finish`); else
-    `finish` does it in this process."""
+    children do it side by side while the caller runs the tests and writes the tables (`start`, then
+    `finish`); else `finish` does it in this process."""
 
     def __init__(self, an, out: Path):
         self.job = (an, out)
@@ -83,6 +83,13 @@ class FigureDrawing:
             finally:
                 _JOB = ()
         return self
+
+    def cancel(self) -> None:
+        """Stop the children (the caller failed before it needed the figures)."""
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
 
     def finish(self) -> dict[str, Path]:
         """{figure name: path} of the figures written, in FIGURES order."""
@@ -118,7 +125,7 @@ def write_report(results_dir: str | os.PathLike, metric: str | None = None,
     written. Raises ReportError.
     """
     study = load_for_report(results_dir)
-    an = analyze(study, metric, control, margin=margin, costs=costs)
+    an = design(study, metric, control, margin=margin, costs=costs)
     out = Path(out_dir) if out_dir is not None else study.path
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -127,13 +134,19 @@ def write_report(results_dir: str | os.PathLike, metric: str | None = None,
     if not os.access(out, os.W_OK):
         raise ReportError(f"output directory {out} is not writable; pass --out DIR")
     written: dict[str, Path] = {}
-    drawing = FigureDrawing(an, out).start() if figures else None
-    written["summary"] = write_csv(an.summary, out / SUMMARY_CSV)
-    written["comparisons"] = write_csv(an.comparisons, out / COMPARISONS_CSV)
-    if an.costs is not None and an.costs.trials is not None:
-        written["costs"] = write_csv(an.costs.trials, out / COSTS_CSV)
-    if an.ranks is not None:
-        written["ranks"] = write_csv(ranks_frame(an.ranks), out / RANKS_CSV)
+    drawing = FigureDrawing(an, out).start() if figures else None  # the figures need no statistic
+    try:
+        an = test_arms(an)
+        written["summary"] = write_csv(an.summary, out / SUMMARY_CSV)
+        written["comparisons"] = write_csv(an.comparisons, out / COMPARISONS_CSV)
+        if an.costs is not None and an.costs.trials is not None:
+            written["costs"] = write_csv(an.costs.trials, out / COSTS_CSV)
+        if an.ranks is not None:
+            written["ranks"] = write_csv(ranks_frame(an.ranks), out / RANKS_CSV)
+    except BaseException:
+        if drawing is not None:
+            drawing.cancel()
+        raise
     figs = drawing.finish() if drawing is not None else {}
     written["report"] = write_text(out / REPORT_MD, render_markdown(an, figs, out))
     written.update(figs)
