@@ -20,7 +20,9 @@ from dsdtune.pipeline import run_pipeline
 from dsdtune.study.state import StudyLock
 
 TINY = Path(__file__).parent / "studies" / "tiny.yaml"
-OVERRIDES = ["pipeline.epochs=[3, 300, 300]", "checkpoint_every_s=30",
+# One trial at a time: the sweep must outlast a second driver's start and the socket scan (a trial
+# of 603 epochs takes ~2.5 s here); it changes no trial's numbers.
+OVERRIDES = ["pipeline.epochs=[3, 300, 300]", "checkpoint_every_s=30", "max_concurrent=1",
              "search.space={pipeline.sparsity: {grid: [0.0, 0.5, 0.75]}}"]
 
 
