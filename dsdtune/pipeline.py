@@ -186,11 +186,14 @@ class Pipeline:
     def mask_hooks(self) -> dict[str, Any]:
         """Per-step hooks keeping masked weights at exactly zero (none when nothing is masked).
 
-        Bound to the masks of now: a phase that changes its masks mid-epoch uses `mask_grads` and
-        `mask_weights`, which follow the bound masks."""
+        Only the gradients need masking: `set_masks` zeroes the masked weights and their optimizer
+        state, and SGD (momentum, Nesterov, weight decay) and Adam then move a weight only by its
+        gradient, its decay term (wd x 0) and that state, all exactly 0 where masked. Bound to the
+        masks of now: a phase that changes its masks mid-epoch uses `mask_grads`, which follows the
+        bound masks (and `mask_weights` after changing weights by other means)."""
         if self.applier is None or self.masks_full:
             return {}
-        return {"before_step": self.applier.apply_to_grads, "after_step": self.applier.apply_to_weights}
+        return {"before_step": self.applier.apply_to_grads}
 
     def mask_grads(self, step: int = 0) -> None:
         if self.applier is not None and not self.masks_full:

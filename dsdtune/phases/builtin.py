@@ -43,7 +43,7 @@ class SparseState(MaskedState):
 
 class Sparse(PhaseKind):
     """S: masks chosen at the phase start by the criterion (or the sparse init's, for a flow that
-    starts with S), fixed during the phase; gradients masked before and weights after each step."""
+    starts with S), fixed during the phase; gradients masked before each step."""
 
     letter, name = "S", "sparse"
     State = SparseState
@@ -154,7 +154,6 @@ class GradualState(PhaseState):
         ctx = self.ctx
 
         def after_step(step: int) -> None:
-            ctx.mask_weights()
             if step + 1 < ctx.total_steps:
                 self.prune_if_due(step + 1)
 
@@ -225,7 +224,6 @@ class RigLState(MaskedState):
             ctx.mask_grads()
 
         def after_step(step: int) -> None:
-            ctx.mask_weights()
             if self.due(step + 1):
                 self.update(step)
 

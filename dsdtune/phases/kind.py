@@ -45,9 +45,11 @@ class PhaseContext(Protocol):
     Read: `model`, `prunable` (name -> weight), `optimizer`, `masks` (the bound Masks or None),
     `init_masks` (a sparse init's), `phase`, `steps_per_epoch`, `total_steps` (of the phase), `extra`
     (a dict reported with the trial's results; kinds write their own keys).
-    Change: `set_masks`, `release_masks`, `mask_grads` / `mask_weights` (the per-step mask application,
-    a no-op when nothing is masked; `mask_hooks()` gives both bound to the masks of now, for a phase
-    whose masks stay fixed), `reset_optimizer`, `load_weights`.
+    Change: `set_masks` (zeroes the masked weights and their optimizer state), `release_masks`,
+    `mask_grads` (the per-step mask application before the optimizer step, which then leaves masked
+    weights at exactly 0; a no-op when nothing is masked; `mask_hooks()` gives it bound to the masks
+    of now, for a phase whose masks stay fixed), `mask_weights` (after changing weights by other
+    means), `reset_optimizer`, `load_weights`.
     Randomness: `generator(stream)` is the phase's own generator for `stream` (derived from the trial's
     seed and the phase index, never the data order's).
     """
@@ -134,8 +136,8 @@ class PhaseState:
 
 
 class MaskedState(PhaseState):
-    """A phase trained under masks fixed for the phase: gradients masked before and weights after every
-    step (no hooks at all when every weight is kept, as in the fine-tune control)."""
+    """A phase trained under masks fixed for the phase: gradients masked before every step (no hooks at
+    all when every weight is kept, as in the fine-tune control)."""
 
     def hooks(self):
         return self.ctx.mask_hooks()

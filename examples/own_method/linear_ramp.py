@@ -29,11 +29,11 @@ class LinearRampState(PhaseState):
 
     def hooks(self):
         def after_step(step):
-            self.ctx.mask_weights()  # pruned weights stay exactly 0
             t = step + 1  # optimizer steps done
             if t <= self.ramp_end and (t % self.settings.every_steps == 0 or t == self.ramp_end):
                 self.prune(t)
 
+        # masked gradients: the optimizer step leaves pruned weights at exactly 0
         return {"before_step": self.ctx.mask_grads, "after_step": after_step}
 
     def prune(self, t):
