@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 import dsdtune
+from bench_epoch import quartiles  # the same folder
 from dsdtune.config import build_run_spec, load_study
 from dsdtune.pipeline import Pipeline
 from dsdtune.study import main as study_main, make_plan
@@ -145,13 +146,6 @@ def whole_command(study: str, sets: list[str], results: str) -> list[str]:
     for s in sets:
         args += ["--set", s]
     return args
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 4:
-        return min(values), statistics.median(values), max(values)
-    q1, q2, q3 = statistics.quantiles(values, n=4)
-    return q1, q2, q3
 
 
 def measure_whole(study: str, sets: list[str], rounds: int, report_rounds: int) -> dict:
