@@ -323,7 +323,8 @@ def design(study: ReportInput, metric: str | None = None, control: str | dict | 
 def test_arms(an: Analysis) -> Analysis:
     """`an` with the per-arm summaries, both comparison families and the rank summary over tasks."""
     study, info, arms, sweep_arms, reference = an.study, an.info, an.arms, an.sweep_arms, an.reference
-    metric, val, search_mode, baseline_col, margin = an.info.name, an.val_metric, an.search_mode, an.baseline_col, an.margin
+    metric, val, search_mode, margin = info.name, an.val_metric, an.search_mode, an.margin
+    baseline_col = an.baseline_col
     metrics = [metric] + an.phase_metrics + ([val] if val and val != metric else [])
     srows = summary_rows(arms, "confirm" if search_mode else "all", metrics, study.factors, an.costs)
     if search_mode:

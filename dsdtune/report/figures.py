@@ -28,7 +28,8 @@ def describe_arm(arm: ArmTrials, metric: str) -> stats.Summary:
 
 
 def plot_factor(an: Analysis) -> tuple[str, Figure] | None:
-    """Metric vs a numeric factor, 95% CI bars, one line per level of the other factors."""
+    """Metric vs a numeric factor, 95% CI bars, one line per level of the other factors; returned with
+    its file name (no suffix), fig_metric_vs_<factor>."""
     study, info, arms = an.study, an.info, an.arms
     numeric = [f for f in study.factors
                if all(as_number(a.factors[f]) is not None for a in arms)
@@ -97,7 +98,7 @@ def plot_factor(an: Analysis) -> tuple[str, Figure] | None:
     ax.margins(x=0.08)  # room for the n= labels at the ends
     # Below the axes: inside it would cover points whatever corner it picks.
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
-    return f"fig_metric_vs_{x_f.split('.')[-1]}.png", fig
+    return f"fig_metric_vs_{x_f.split('.')[-1]}", fig
 
 
 def plot_arms(an: Analysis) -> Figure | None:

@@ -28,11 +28,6 @@ def save_fig(fig: Figure, path: Path) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def _metric_vs_factor(an) -> tuple[str, Figure] | None:
-    named = F.plot_factor(an)  # its name says which factor: fig_metric_vs_<factor>
-    return None if named is None else (named[0][:-len(FIGURE_SUFFIX)], named[1])
-
-
 def _named(name: str, plot: Callable) -> Callable:
     def build(an) -> tuple[str, Figure] | None:
         fig = plot(an)
@@ -43,7 +38,7 @@ def _named(name: str, plot: Callable) -> Callable:
 # Every figure a report may draw, in order: builders returning (file name without suffix, Figure),
 # or None when the study has nothing for that figure.
 FIGURES: list[Callable] = [
-    _metric_vs_factor, _named("fig_metric_by_arm", F.plot_arms), _named("fig_learning_curves", F.plot_curves),
+    F.plot_factor, _named("fig_metric_by_arm", F.plot_arms), _named("fig_learning_curves", F.plot_curves),
     _named("fig_layer_density", F.plot_layers), _named("fig_weight_hist", F.plot_weights),
     _named("fig_search", F.plot_search), _named("fig_metric_vs_training_flops", F.plot_cost),
 ]
@@ -51,9 +46,10 @@ FIGURES: list[Callable] = [
 _JOB: tuple = ()  # (analysis, out folder): what forked children inherit
 
 
-def _draw(index: int) -> str | None:
-    """Build figure `index` of FIGURES and write its PNG; its name, or None when it has nothing to show."""
-    an, out = _JOB
+def _draw(index: int, job: tuple = ()) -> str | None:
+    """Build figure `index` of FIGURES for `job` (default: the inherited one) and write its PNG; its
+    name, or None when it has nothing to show."""
+    an, out = job or _JOB
     built = FIGURES[index](an)
     if built is None:
         return None
@@ -85,7 +81,7 @@ class FigureDrawing:
         return self
 
     def cancel(self) -> None:
-        """Stop the children (the caller failed before it needed the figures)."""
+        """Stop the children (after their work, or when the caller failed before it needed it)."""
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
@@ -93,19 +89,13 @@ class FigureDrawing:
 
     def finish(self) -> dict[str, Path]:
         """{figure name: path} of the figures written, in FIGURES order."""
-        global _JOB
         if self.pool is None:
-            _JOB = self.job
-            try:
-                names = [_draw(i) for i in range(len(FIGURES))]
-            finally:
-                _JOB = ()
+            names = [_draw(i, self.job) for i in range(len(FIGURES))]
         else:
             try:
                 names = self.pending.get()
             finally:
-                self.pool.terminate()
-                self.pool.join()
+                self.cancel()
         out = self.job[1]
         return {name: out / f"{name}{FIGURE_SUFFIX}" for name in names if name is not None}
 
