@@ -139,7 +139,7 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
     hint = f"continue with: {resume_command(argv)}"
     from .progress import StudyConsole
     from .provenance import now, provenance
-    from .run import SignalState, connect, optuna_stages, sweep_stage, unstarted_trials
+    from .run import SignalState, connect, optuna_stages, shutdown, sweep_stage, unstarted_trials
     signals = SignalState(spec.name, hint)
     started, started_at = time.monotonic(), now()
     console = StudyConsole(spec, results_dir, verbose=args.verbose, log=tuple(args.log),
@@ -176,7 +176,7 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signals.close()
         if owned:
-            ray.shutdown()
+            shutdown()
         console.__exit__(None, None, None)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     if interrupted:

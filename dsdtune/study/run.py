@@ -84,6 +84,21 @@ def connect(address: Optional[str], dashboard_host: str, num_cpus: Optional[int]
     return ray, True
 
 
+def shutdown() -> None:
+    """`ray.shutdown()` of the local instance a study started, without its one-second wait for the
+    autoscaler's monitor: Ray stops the GCS before it, and the monitor's SIGTERM handler then tries to
+    tell the GCS that it is terminating until Ray kills it after 1 s (ray 2.60: _private/node.py,
+    kill_all_processes; autoscaler/_private/monitor.py, _signal_handler). It is killed first here,
+    which is where Ray's own shutdown ends for it."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    from ray._private import ray_constants
+    for info in (getattr(node, "all_processes", None) or {}).get(ray_constants.PROCESS_TYPE_MONITOR, []):
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait(timeout=5)
+    ray.shutdown()
+
+
 def _is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address).is_loopback
