@@ -273,10 +273,21 @@ def _restore(path: str, trainable, run_config: tune.RunConfig, tune_config: tune
     return tuner
 
 
+def _skip_callback_usage_tag() -> None:
+    """Tune tags a run's callbacks for Ray's usage statistics by importing the W&B, MLflow, Comet and Aim
+    integrations to compare classes (ray 2.60: air/_internal/usage.py, _count_callbacks), and those
+    import wandb and mlflow wherever they are installed: 0.8 s of the driver's CPU before any trial
+    starts. A study's callbacks are classes of its own (its trackers subclass Ray's), which the tag
+    would count as custom ones; it is not recorded."""
+    from ray.air._internal import usage
+    usage.tag_callbacks = lambda callbacks: False
+
+
 def _run_tuner(name: str, ray_storage: str, payload: dict, spec: StudySpec, plan: Plan, resume: bool,
                signals: SignalState, *, searcher: Searcher, num_samples: int, tune_extra: Optional[dict] = None):
     global _SIGNALS
     _SIGNALS = signals
+    _skip_callback_usage_tag()
     if signals.signum is not None:  # stopped before this stage began
         return []
     keep = max(len(run.pipeline.flow) for run in plan.runs) + 2
