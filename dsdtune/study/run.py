@@ -113,7 +113,7 @@ def check_loopback(ctx) -> None:
     addresses.add((getattr(ctx, "address_info", None) or {}).get("node_ip_address"))
     exposed = sorted(a for a in addresses if a and not _is_loopback(a))
     if exposed:
-        ray.shutdown()
+        shutdown()
         raise SpecError(f"Ray's local instance took the address {', '.join(exposed)} instead of 127.0.0.1, so its "
                         f"ports would be open to the network (this Ray, {ray.__version__}, ignores the single-machine "
                         f"switch RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); install the Ray dsdtune supports "
