@@ -136,13 +136,18 @@ class StudyResults:
                 f"{len(self.summary)} summary rows, {len(self.comparisons)} comparisons; {self.path})")
 
 
+# Tune's trial ids are 8 hex digits: read as text, since pandas would make "12345678" a number (and
+# "00123456" 123456) and "1e234567" infinity, when every id of a table looks like one (a small study).
+_ID_DTYPES = {"trial_id": str}
+
+
 def _read_table(path: Path, required: tuple = ()) -> pd.DataFrame:
     """An optional table: empty when absent or empty, a ResultsError when it cannot be read."""
     import pandas as pd
     if not path.is_file():
         return pd.DataFrame()
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype=_ID_DTYPES)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -174,7 +179,7 @@ def _read_trials(path: Path) -> pd.DataFrame:
         raise ResultsError(f"{path} is missing; the study has not written any trials yet "
                            f"(give the results folder of a study, e.g. results/<study>)")
     try:
-        trials = pd.read_csv(path)
+        trials = pd.read_csv(path, dtype=_ID_DTYPES)
     except pd.errors.EmptyDataError:
         raise ResultsError(f"{path} is empty; the study has not written any trials yet") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:

@@ -337,8 +337,8 @@ def test_wandb_logs_one_offline_run_per_trial(ray_local, tmp_path, monkeypatch):
             "--set", "seeds=1", "--set", "pipeline.epochs=[1, 1, 1]"]
     assert main(args) == 0
     out = tmp_path / "tiny"
-    trials = pd.read_csv(out / "trials.csv").set_index("trial_id")
-    history = pd.read_csv(out / "history.csv")
+    trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str}).set_index("trial_id")  # ids are text
+    history = pd.read_csv(out / "history.csv", dtype={"trial_id": str})
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == len(trials) == 2
     firsts = []

@@ -73,6 +73,22 @@ def test_trials_written_before_never_started_trials_had_ids_still_load(tmp_path)
     assert results.meta == {} and results.layers.empty and results.summary.empty
 
 
+@pytest.mark.parametrize("ids", [["1e234567"], ["00123456"], ["12345678", "9e000001"]])
+def test_trial_ids_that_look_like_numbers_load_as_the_ids_they_are(tmp_path, ids):
+    """Tune's ids are 8 hex digits: a small study's may all look like numbers ("1e234567" is infinity to
+    pandas, "00123456" loses its zeros); its masks/<id>.npz and every table must still match them."""
+    pd.DataFrame([{"trial_id": t, "stage": "sweep", "arm": "x", "seed": n, "status": "ok"}
+                  for n, t in enumerate(ids)]).to_csv(tmp_path / "trials.csv", index=False)
+    pd.DataFrame([{"trial_id": t, "epoch": 1, "val_acc": 0.5} for t in ids]).to_csv(tmp_path / "history.csv",
+                                                                                    index=False)
+    pd.DataFrame([{"trial_id": t, "layer": "fc", "density": 0.5} for t in ids]).to_csv(tmp_path / "layers.csv",
+                                                                                      index=False)
+    results = load_results(tmp_path)
+    assert list(results.trials.trial_id) == ids
+    assert list(results.history.trial_id) == ids and list(results.history.seed) == list(range(len(ids)))
+    assert list(results.layers.trial_id) == ids and list(results.layers.status) == ["ok"] * len(ids)
+
+
 def test_the_readers_rules_are_one_line_errors(tmp_path):
     with pytest.raises(ResultsError, match="is not a folder"):
         load_results(tmp_path / "absent")

@@ -136,7 +136,7 @@ def test_a_timm_study_on_ray(ray_local, tmp_path):
     linear weight but the stem's first, and leaves BatchNorm alone; the report is written."""
     assert main([study_file(tmp_path), "--results", str(tmp_path / "results")]) == 0
     out = tmp_path / "results" / "zoo"
-    trials = pd.read_csv(out / "trials.csv")
+    trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})  # an id like "1e234567" is text
     assert len(trials) == 1 and trials.status.iloc[0] == "ok" and trials.epochs_trained.iloc[0] == 2
     layers = pd.read_csv(out / "layers.csv")
     s1 = layers[layers.phase_label == "S1"]
