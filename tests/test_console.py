@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from dsdtune.config import SpecError
+from dsdtune.results import load_results
 from dsdtune.study.progress import StageProgress, arm_label, trial_label
 from dsdtune.study.tracking import check_tracking, epoch_metrics, mlflow_tracking_uri
 
@@ -337,8 +338,8 @@ def test_wandb_logs_one_offline_run_per_trial(ray_local, tmp_path, monkeypatch):
             "--set", "seeds=1", "--set", "pipeline.epochs=[1, 1, 1]"]
     assert main(args) == 0
     out = tmp_path / "tiny"
-    trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str}).set_index("trial_id")  # ids are text
-    history = pd.read_csv(out / "history.csv", dtype={"trial_id": str})
+    results = load_results(out)  # the one reader: trial ids stay text
+    trials, history = results.trials.set_index("trial_id"), results.history
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == len(trials) == 2
     firsts = []

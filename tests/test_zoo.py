@@ -17,6 +17,7 @@ from dsdtune import registry
 from dsdtune.config import SpecError
 from dsdtune.models import build_model
 from dsdtune.sparsity.masks import prunable_weights
+from dsdtune.results import load_results
 from dsdtune.study import main
 
 timm = pytest.importorskip("timm")  # the [zoo] extra; [dev] installs it
@@ -136,7 +137,7 @@ def test_a_timm_study_on_ray(ray_local, tmp_path):
     linear weight but the stem's first, and leaves BatchNorm alone; the report is written."""
     assert main([study_file(tmp_path), "--results", str(tmp_path / "results")]) == 0
     out = tmp_path / "results" / "zoo"
-    trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})  # an id like "1e234567" is text
+    trials = load_results(out).trials  # the one reader: an id like "1e234567" stays text
     assert len(trials) == 1 and trials.status.iloc[0] == "ok" and trials.epochs_trained.iloc[0] == 2
     layers = pd.read_csv(out / "layers.csv")
     s1 = layers[layers.phase_label == "S1"]
