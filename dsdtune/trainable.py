@@ -38,7 +38,7 @@ REPORT_EVERY_S = 2.0
 # A stop request is asked for at most this often (one round trip to the driver's node); the driver
 # waits for running trials to checkpoint for much longer (study.run.StopOnSignal.grace_s).
 STOP_POLL_S = 1.0
-STOP_NAMESPACE = "dsdtune"  # the Ray namespace of the drivers' stop flags
+STOP_NAMESPACE = "dsdtune"  # the key-value namespace of the drivers' stop flags
 _GAUGES: dict[str, Any] = {}
 
 
@@ -145,32 +145,31 @@ def run_trial(config: dict, *, study: dict) -> None:
 
 
 class StopRequests:
-    """Whether the driver asked the study to stop: its stop flag is a Ray actor on the driver's node.
+    """Whether the driver asked the study to stop: its stop flag is a key in the cluster's key-value store.
 
     On a cluster the driver's disk is not the trial's, and the study's storage may be an object store
-    whose every stat costs a request; an actor call reaches the driver from any node (a round trip of
-    about a millisecond), so a trial asks at epoch ends, at most every STOP_POLL_S. A flag that cannot
-    be reached (its driver is gone, or the trial runs outside a study) asks nothing.
+    whose every stat costs a request; the key lives in Ray's GCS, which every node reaches (a round
+    trip of about a millisecond, answered by the GCS itself: no process of our own), so a trial asks at
+    epoch ends, at most every STOP_POLL_S. A trial outside Ray (or a flag it cannot reach) asks nothing.
     """
 
     def __init__(self, name: str):
         self.name = name
         self.seen = False
-        self._flag = None
         self._asked = -float("inf")
 
     def requested(self) -> bool:
         if self.seen or not self.name or time.monotonic() - self._asked < STOP_POLL_S:
             return self.seen
         self._asked = time.monotonic()
+        from ray.experimental.internal_kv import _internal_kv_exists, _internal_kv_initialized
         try:
-            if self._flag is None:
-                self._flag = ray.get_actor(self.name, namespace=STOP_NAMESPACE)
-            self.seen = bool(ray.get(self._flag.requested.remote(), timeout=10))
-        except ray.exceptions.GetTimeoutError:  # a busy driver node: ask again later
+            if not _internal_kv_initialized():  # not in a Ray worker: nobody can ask it to stop
+                self.name = ""
+                return False
+            self.seen = bool(_internal_kv_exists(self.name, namespace=STOP_NAMESPACE))
+        except ray.exceptions.RayError:  # the GCS did not answer: ask again later
             pass
-        except (ValueError, ray.exceptions.RayError):  # no such flag, or its driver is gone
-            self.name = ""
         return self.seen
 
 

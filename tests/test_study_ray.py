@@ -492,8 +492,8 @@ def test_confirm_history_holds_the_epochs_of_a_prefix_longer_than_the_searchs(tm
 
 
 def test_a_stop_request_reaches_a_trial_through_ray_not_the_drivers_disk(ray_local, tmp_path, monkeypatch):
-    """Ctrl-C's request is a flag in an actor on the driver's node; a trial on any node asks it at epoch
-    ends (at most once a second). No file is involved: another node sees what this one sees."""
+    """Ctrl-C's request is a key in Ray's GCS; a trial on any node asks it at epoch ends (at most once a
+    second). No file is involved: another node sees what this one sees."""
     import ray
     from dsdtune.study.run import SignalState
     from dsdtune.trainable import STOP_POLL_S, StopRequests
@@ -512,7 +512,6 @@ def test_a_stop_request_reaches_a_trial_through_ray_not_the_drivers_disk(ray_loc
 
     monkeypatch.chdir(tmp_path)
     signals = SignalState("tiny", "continue with: ...")
-    signals.start_flag()
     try:
         watching = trial_side.remote(signals.flag_name, 30.0)
         assert not ray.get(trial_side.remote(signals.flag_name, 0.3))[-1][1]  # no stop asked for yet
@@ -526,6 +525,7 @@ def test_a_stop_request_reaches_a_trial_through_ray_not_the_drivers_disk(ray_loc
         assert ray.get(trial_side.remote(signals.flag_name, 0.3))[-1][1]  # a trial starting now sees it at once
     finally:
         signals.close()
+    assert not ray.get(trial_side.remote(signals.flag_name, 0.3))[-1][1]  # closed: the key is gone
     assert not StopRequests("stop-no-such-driver").requested()  # a flag that is gone asks nothing
 
 

@@ -10,7 +10,7 @@ prefix on the way and later suggestions of that seed wait for it (`gates.SearchG
 re-runs the best config beside its control on fresh seeds in `confirm` (a gated sweep again).
 
 The first Ctrl-C (or SIGTERM) stops launching trials, asks running trials - on every node, through a
-small actor on the driver's node (`StopFlag`) - to checkpoint at their next epoch end, lets Tune
+key in Ray's GCS (`SignalState.tell_trials`) - to checkpoint at their next epoch end, lets Tune
 store its state, and returns; the caller writes partial results. A resumed stage (`--resume`) runs
 with this run's settings: max_concurrent, max_failures, the trackers of `--log`, the console.
 """
@@ -38,6 +38,7 @@ os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
+from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
 from .. import registry
@@ -136,24 +137,6 @@ def prefix_root(ray_storage: str) -> str:
     return f"{ray_storage.rstrip('/')}/prefixes"
 
 
-@ray.remote(num_cpus=0)
-class StopFlag:
-    """The driver's stop request, where a trial on any node can ask for it (`trainable.StopRequests`).
-
-    Why an actor: on a cluster the driver's disk is not the trials', and the study's storage may be an
-    object store whose every stat is a paid request; one call to this actor is a millisecond's round
-    trip from any node, and it lives exactly as long as the driver's Ray job."""
-
-    def __init__(self):
-        self._requested = False
-
-    def request(self) -> None:
-        self._requested = True
-
-    def requested(self) -> bool:
-        return self._requested
-
-
 class SignalState:
     """First SIGINT/SIGTERM: remember it and stop the running stage cleanly; second: exit at once."""
 
@@ -162,26 +145,14 @@ class SignalState:
         self.requested_at = 0.0
         self.resume_hint = resume_hint
         self.flag_name = f"stop-{study}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # the trials ask it by name
-        self._flag = None
         self._told = False
 
     def install(self) -> None:
-        """After `ray.init` (which sets a SIGTERM handler of its own): the stop flag and the handlers."""
-        self.start_flag()
+        """After `ray.init` (which sets a SIGTERM handler of its own): the handlers."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
         # Tune's own stop signal; a no-op outside a stage, so that a stray one cannot end the process.
         signal.signal(signal.SIGUSR1, lambda *_: None)
-
-    def start_flag(self) -> None:
-        """The stop flag the trials ask, on the driver's node: it lives and dies with the driver."""
-        try:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-            strategy = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        except Exception:  # a driver outside the cluster (Ray client): anywhere
-            strategy = "DEFAULT"
-        self._flag = StopFlag.options(name=self.flag_name, namespace=STOP_NAMESPACE,
-                                      scheduling_strategy=strategy).remote()
 
     def _handle(self, signum, frame) -> None:
         import sys
@@ -195,15 +166,16 @@ class SignalState:
 
     def tell_trials(self) -> None:
         """Raise the stop flag that every running trial asks at its epoch ends (from Tune's loop, not
-        from the signal handler, which may interrupt Ray's own code)."""
-        if self._flag is not None and not self._told:
-            self._flag.request.remote()
+        from the signal handler, which may interrupt Ray's own code): a key in Ray's GCS, which trials
+        on every node reach (`trainable.StopRequests`); a process of its own would cost a worker."""
+        if not self._told:
+            _internal_kv_put(self.flag_name, b"1", namespace=STOP_NAMESPACE)
             self._told = True
 
     def close(self) -> None:
-        if self._flag is not None and ray.is_initialized():
-            ray.kill(self._flag)
-        self._flag = None
+        if self._told and ray.is_initialized():
+            _internal_kv_del(self.flag_name, namespace=STOP_NAMESPACE)
+        self._told = False
 
 
 _SIGNALS: Optional[SignalState] = None  # the live one; Tune pickles its callbacks, so they look it up here
