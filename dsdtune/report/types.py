@@ -78,8 +78,10 @@ class ArmTrials:
     label: str
     factors: dict[str, Any]
     rows: pd.DataFrame
-    # ok_rows per metric: the analysis, the figures and report.md ask for the same ones many times
+    # ok_rows per metric and the status counts: the analysis, the figures and report.md ask for the
+    # same ones many times (each a pandas filter of its own)
     _ok: dict[str, pd.DataFrame] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _counts: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def ok_rows(self, metric: str) -> pd.DataFrame:
         """Trials with status ok and a finite metric value (a copy of its own: change it freely)."""
@@ -95,10 +97,15 @@ class ArmTrials:
         return self._ok[metric].copy()
 
     def values(self, metric: str) -> np.ndarray:
-        return self.ok_rows(metric)[metric].to_numpy(dtype=float, copy=True) if metric in self.rows else np.array([])
+        if metric not in self.rows:
+            return np.array([])
+        self.ok_rows(metric)  # computed once
+        return self._ok[metric][metric].to_numpy(dtype=float, copy=True)
 
     def count(self, status: str) -> int:
-        return int((self.rows["status"] == status).sum())
+        if self._counts is None:
+            self._counts = {str(k): int(v) for k, v in self.rows["status"].value_counts().items()}
+        return self._counts.get(status, 0)
 
 
 @dataclass
@@ -156,19 +163,23 @@ class CostTable:
 
     trials: pd.DataFrame | None
     description: str  # how they were computed, or why not (a sentence for report.md)
-
-    def for_trials(self, trial_ids) -> pd.DataFrame:
-        if self.trials is None:
-            return pd.DataFrame(columns=["trial_id", *COST_COLUMNS])
-        return self.trials[self.trials["trial_id"].isin(list(trial_ids))]
+    # the numeric cost columns by trial id, built once: every arm x metric of the summary asks
+    _by_trial: pd.DataFrame | None = field(default=None, init=False, repr=False, compare=False)
 
     def arm_means(self, arm: ArmTrials, metric: str) -> dict[str, float]:
         """Mean cost over the arm's ok trials (NaN when costs are unknown)."""
-        ids = arm.ok_rows(metric)["trial_id"] if metric in arm.rows else arm.rows.iloc[0:0]["trial_id"]
-        sub = self.for_trials(ids)
+        if self.trials is None or metric not in arm.rows:
+            return {c: math.nan for c in COST_COLUMNS}
+        if self._by_trial is None:
+            numeric = {c: pd.to_numeric(self.trials[c]).to_numpy(dtype=float) for c in COST_COLUMNS
+                       if c != "cost_exact"}
+            numeric["cost_exact"] = self.trials["cost_exact"].to_numpy(dtype=bool)
+            self._by_trial = pd.DataFrame(numeric, index=self.trials["trial_id"].to_numpy(dtype=object))
+        ids = arm.ok_rows(metric)["trial_id"].to_numpy(dtype=object)
+        sub = self._by_trial[self._by_trial.index.isin(ids)]
         if sub.empty:
             return {c: math.nan for c in COST_COLUMNS}
-        out = {c: float(pd.to_numeric(sub[c]).mean()) for c in COST_COLUMNS if c != "cost_exact"}
+        out = {c: float(sub[c].mean()) for c in COST_COLUMNS if c != "cost_exact"}
         out["cost_exact"] = bool(sub["cost_exact"].all())
         return out
 
