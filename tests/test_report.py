@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,31 +246,55 @@ def test_optuna_best_on_validation_vs_confirm(tmp_path):
     assert "fig_search" in paths and paths["fig_search"].stat().st_size > 0
 
 
-def test_figures_drawn_by_forked_children_equal_those_drawn_in_process(tmp_path, monkeypatch):
-    """With two cores and no other thread, the report builds and draws its figures in forked children
-    while it writes its tables: the PNGs are the bytes the process itself draws, and a child's error
-    reaches the caller."""
+def test_figures_drawn_by_a_helper_process_equal_those_drawn_in_process(tmp_path, monkeypatch):
+    """With two cores and no other thread, a forked helper draws the figures (in two processes of its
+    own) while the report runs its tests: the PNGs are the bytes the process itself draws, and a
+    figure's error reaches the caller."""
     import threading
 
-    from dsdtune.report import output
+    from dsdtune.report import drawing
     make_sweep(tmp_path)
     monkeypatch.setattr(threading, "active_count", lambda: 2)  # another thread: drawn in this process
     serial = write_report(tmp_path, out_dir=tmp_path / "serial")
-    forks = []
-    real_pool = output.multiprocessing.get_context("fork").Pool
+    helpers = []
+    real_start = drawing.FigureDrawing.start.__func__
+
+    def start(cls):
+        started = real_start(cls)
+        helpers.append(started.helper)
+        return started
+
     monkeypatch.setattr(threading, "active_count", lambda: 1)
-    monkeypatch.setattr(output.os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(output.multiprocessing, "get_context",
-                        lambda method: type("Ctx", (), {"Pool": lambda self, n: forks.append(n) or real_pool(n)})())
+    monkeypatch.setattr(drawing.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(drawing.FigureDrawing, "start", classmethod(start))
     forked = write_report(tmp_path, out_dir=tmp_path / "forked")
-    assert forks == [2]
+    assert len(helpers) == 1 and helpers[0] is not None and helpers[0].exitcode == 0
     figs = [k for k in serial if k.startswith("fig_")]
-    assert len(figs) >= 3 and set(figs) == {k for k in forked if k.startswith("fig_")}
+    assert len(figs) >= 3 and list(figs) == [k for k in forked if k.startswith("fig_")]
     for key in figs:
         assert forked[key].read_bytes() == serial[key].read_bytes(), key
-    monkeypatch.setattr(output, "save_fig", lambda fig, path: 1 / 0)
+    monkeypatch.setattr(drawing, "save_fig", lambda fig, path: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         write_report(tmp_path, out_dir=tmp_path / "broken")
+    assert helpers[-1].exitcode is not None  # stopped, not left behind
+    assert not list((tmp_path / "broken").glob("*.png")) and not (tmp_path / "broken" / "report.md").exists()
+
+
+def test_the_command_draws_while_it_analyzes_and_leaves_no_process_behind(tmp_path):
+    """`python -m dsdtune.report` forks its figures' helper before it imports the analysis: its own
+    process never imports matplotlib (the helper does, at the same time), and a refused folder stops
+    the helper it had started."""
+    make_sweep(tmp_path)
+    probe = ("import multiprocessing, sys\n"
+             "from dsdtune.report.cli import main\n"
+             "codes = [main([sys.argv[1], '--out', sys.argv[2]]), main([sys.argv[2] + '/none'])]\n"
+             "print(codes, 'matplotlib' in sys.modules, multiprocessing.active_children())\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    one_core = len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) < 2
+    assert done.stdout.strip().splitlines()[-1] == f"[0, 2] {one_core} []"  # one core: drawn in-process
+    assert len(list((tmp_path / "out").glob("fig_*.png"))) >= 3
 
 
 def test_files_written_pngs_and_report_text(tmp_path):

@@ -14,7 +14,8 @@ Modules: `types` (the data classes every other module shares: ReportInput, ArmTr
 Reference, CostTable, RankResult, Analysis), `load` (the results as the report reads them, the
 study's spec), `arms` (trials -> arms, metrics), `compare` (control matching, tests, the analysis),
 `costs` (per-trial parameters and FLOPs), `ranks` (methods ranked across tasks), `text` (numbers and
-sentences), `figures`, `markdown` (report.md), `output` (write_report), `cli`.
+sentences), `figures`, `drawing` (the figures drawn beside the analysis), `markdown` (report.md), `output`
+(write_report), `cli`.
 
 Rules (report.md states them too):
 - Only trials with status "ok" and a finite metric value enter means and tests. Diverged and
@@ -33,11 +34,20 @@ Rules (report.md states them too):
 - Optuna studies (or any study with stage "confirm" rows): the sweep selects the best config on the
   validation metric only; the confirm rows are what is summarized and compared.
 """
-from .cli import main
-from .compare import analyze, parse_control
-from .load import load_for_report
-from .output import write_report
-from .types import Analysis, ArmTrials, ReportError, ReportInput
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["ReportError", "write_report", "load_for_report", "analyze", "parse_control", "main", "Analysis",
            "ArmTrials", "ReportInput"]
+_WHERE = {"main": "cli", "analyze": "compare", "parse_control": "compare", "load_for_report": "load",
+          "write_report": "output", "Analysis": "types", "ArmTrials": "types", "ReportError": "types",
+          "ReportInput": "types"}
+
+
+def __getattr__(name: str):
+    # Lazy, so that `python -m dsdtune.report` can start its figures' helper before the analysis's
+    # imports (drawing.py): the names above come from their modules on first use.
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'dsdtune.report' has no attribute {name!r}")

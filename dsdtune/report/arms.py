@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dsdtune import stats
+
 from .types import ArmTrials, MetricInfo, ReportError, ReportInput
 
 
@@ -15,6 +17,11 @@ from .types import ArmTrials, MetricInfo, ReportError, ReportInput
 
 def is_missing(v: Any) -> bool:
     return v is None or (isinstance(v, (float, np.floating)) and math.isnan(v))
+
+
+def describe_arm(arm: ArmTrials, metric: str) -> stats.Summary:
+    """The arm's mean, SD, CI, ... of `metric` over its ok trials (what the tables and figures show)."""
+    return stats.describe(arm.values(metric))
 
 
 def as_number(v: Any) -> float | None:

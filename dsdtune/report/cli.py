@@ -5,8 +5,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from .drawing import FigureDrawing
 from .types import ReportError
-from .output import write_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,12 +22,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-costs", action="store_true", help="skip parameter and FLOP counts")
     parser.add_argument("--out", default=None, help="output directory (default: the results folder)")
     args = parser.parse_args(argv)
+    # The figures' helper imports matplotlib while this process imports the rest and analyzes (drawing.py).
+    drawing = FigureDrawing.start()
     try:
+        from .output import write_report
         written = write_report(args.results_dir, args.metric, args.control, args.out, margin=args.margin,
-                               costs=not args.no_costs)
+                               costs=not args.no_costs, drawing=drawing)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        drawing.cancel()  # nothing left to stop once the figures are written
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0

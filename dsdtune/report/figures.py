@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from dsdtune import stats
 
-from .arms import as_number, canon, fmt_level, metric_info
+from .arms import as_number, canon, describe_arm, fmt_level, metric_info
 from .types import Analysis, ArmTrials, MetricInfo
 
 MAX_CURVES = 10  # more lines than this make a learning-curve plot unreadable
@@ -21,10 +21,6 @@ MAX_HIST_ARMS = 4
 
 def _ylabel(metric: str, info: MetricInfo) -> str:
     return f"{info.describe_name()} ({info.unit})" if info.unit else info.describe_name()
-
-
-def describe_arm(arm: ArmTrials, metric: str) -> stats.Summary:
-    return stats.describe(arm.values(metric))
 
 
 def plot_factor(an: Analysis) -> tuple[str, Figure] | None:

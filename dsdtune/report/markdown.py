@@ -8,8 +8,7 @@ import pandas as pd
 
 from dsdtune import stats
 
-from .arms import canon, fmt_level, metric_info, same, sort_key
-from .figures import describe_arm
+from .arms import canon, describe_arm, fmt_level, metric_info, same, sort_key
 from .text import (BOOTSTRAP_SEED, fmt_d, fmt_flops, fmt_n, fmt_p, fmt_v, margin_text, md_table, nan_if_none,
                    test_name)
 from .types import STATUSES, Analysis, ArmTrials, MetricInfo

@@ -124,7 +124,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _import_report() -> None:
     try:
-        import dsdtune.report  # noqa: F401
+        import importlib
+        for module in ("dsdtune.report.output", "dsdtune.report.figures"):  # the analysis; matplotlib
+            importlib.import_module(module)
     except Exception:  # raised again where the report runs, and reported there
         pass
 
@@ -145,6 +147,7 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
     console = StudyConsole(spec, results_dir, verbose=args.verbose, log=tuple(args.log),
                            factors_by_label={a.label: a.factors for a in plan.arms})
     owned = False
+    report_import = None
     try:
         console.__enter__()
         ray, owned = connect(args.address, args.dashboard_host, args.num_cpus, runtime_env)
@@ -167,7 +170,8 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
         if not (args.no_report or interrupted):
             # The report's libraries (scipy.stats, statsmodels, matplotlib) load while the result
             # files are written and Ray shuts down, most of which is waiting for Ray's processes.
-            threading.Thread(target=_import_report, name="dsdtune-report-import", daemon=True).start()
+            report_import = threading.Thread(target=_import_report, name="dsdtune-report-import", daemon=True)
+            report_import.start()
         counts = write_results(results_dir, spec, plan, stages, arms, seeds_by_stage, interrupted=interrupted,
                                missing=missing, provenance=provenance(spec, resolve_study_path(args.study),
                                                                       started_at, inputs=inputs))
@@ -189,6 +193,8 @@ def _run(args, argv: list[str], spec, plan, results_dir: Path, ray_storage: str,
     code = EXIT_TRIAL_ERRORS if counts.get("error") else EXIT_OK
     if not args.no_report:
         try:
+            if report_import is not None:  # a process with one thread can draw its figures in forked ones
+                report_import.join()
             from ..report import write_report
             written = write_report(results_dir)
         except Exception as err:  # the results are written: a failing report must not hide them
