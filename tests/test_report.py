@@ -246,38 +246,53 @@ def test_optuna_best_on_validation_vs_confirm(tmp_path):
     assert "fig_search" in paths and paths["fig_search"].stat().st_size > 0
 
 
-def test_figures_drawn_by_a_helper_process_equal_those_drawn_in_process(tmp_path, monkeypatch):
+# Run in a fresh interpreter: forking is only safe without other threads, and a test process may hold
+# Ray's (the report itself then draws in-process; a helper forked there can hang).
+_HELPER_PROBE = """
+import json, sys, threading
+from pathlib import Path
+from dsdtune.report import drawing, write_report
+folder = Path(sys.argv[1])
+drawing.os.sched_getaffinity = lambda pid: {0, 1}  # two cores on any machine
+real_count = threading.active_count
+threading.active_count = lambda: 2  # another thread: drawn in this process
+serial = write_report(folder, out_dir=folder / "serial")
+threading.active_count = real_count
+helpers, real_start = [], drawing.FigureDrawing.start.__func__
+def start(cls):
+    started = real_start(cls)
+    helpers.append(started.helper)
+    return started
+drawing.FigureDrawing.start = classmethod(start)
+forked = write_report(folder, out_dir=folder / "forked")
+drawing.save_fig = lambda fig, path: 1 / 0
+try:
+    write_report(folder, out_dir=folder / "broken")
+    error = None
+except ZeroDivisionError:
+    error = "ZeroDivisionError"
+print(json.dumps({"serial": {k: str(v) for k, v in serial.items()}, "forked": {k: str(v) for k, v in forked.items()},
+                  "helpers": [None if h is None else h.exitcode for h in helpers], "error": error}))
+"""
+
+
+def test_figures_drawn_by_a_helper_process_equal_those_drawn_in_process(tmp_path):
     """With two cores and no other thread, a forked helper draws the figures (in two processes of its
-    own) while the report runs its tests: the PNGs are the bytes the process itself draws, and a
-    figure's error reaches the caller."""
-    import threading
-
-    from dsdtune.report import drawing
+    own) while the report runs its tests: the PNGs are the bytes the process itself draws, a figure's
+    error reaches the caller, and the helper is stopped either way."""
     make_sweep(tmp_path)
-    monkeypatch.setattr(threading, "active_count", lambda: 2)  # another thread: drawn in this process
-    serial = write_report(tmp_path, out_dir=tmp_path / "serial")
-    helpers = []
-    real_start = drawing.FigureDrawing.start.__func__
-
-    def start(cls):
-        started = real_start(cls)
-        helpers.append(started.helper)
-        return started
-
-    monkeypatch.setattr(threading, "active_count", lambda: 1)
-    monkeypatch.setattr(drawing.os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(drawing.FigureDrawing, "start", classmethod(start))
-    forked = write_report(tmp_path, out_dir=tmp_path / "forked")
-    assert len(helpers) == 1 and helpers[0] is not None and helpers[0].exitcode == 0
-    figs = [k for k in serial if k.startswith("fig_")]
-    assert len(figs) >= 3 and list(figs) == [k for k in forked if k.startswith("fig_")]
+    done = subprocess.run([sys.executable, "-c", _HELPER_PROBE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(seen["helpers"]) == 2 and all(code is not None for code in seen["helpers"])  # forked twice, both ended
+    assert seen["helpers"][0] == 0 and seen["error"] == "ZeroDivisionError"
+    figs = [k for k in seen["serial"] if k.startswith("fig_")]
+    assert len(figs) >= 3 and figs == [k for k in seen["forked"] if k.startswith("fig_")]
     for key in figs:
-        assert forked[key].read_bytes() == serial[key].read_bytes(), key
-    monkeypatch.setattr(drawing, "save_fig", lambda fig, path: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        write_report(tmp_path, out_dir=tmp_path / "broken")
-    assert helpers[-1].exitcode is not None  # stopped, not left behind
-    assert not list((tmp_path / "broken").glob("*.png")) and not (tmp_path / "broken" / "report.md").exists()
+        assert Path(seen["forked"][key]).read_bytes() == Path(seen["serial"][key]).read_bytes(), key
+    broken = tmp_path / "broken"
+    assert not list(broken.glob("*.png")) and not (broken / "report.md").exists()
 
 
 def test_the_command_draws_while_it_analyzes_and_leaves_no_process_behind(tmp_path):
