@@ -120,10 +120,9 @@ class FigureDrawing:
         """Hand the analysis to the helper (which draws from now on), or keep it for `finish`."""
         self.job = (an, out)
         if self.conn is not None:
-            # Without the study's spec, which no figure reads (unpickling it would import its pydantic
-            # models); sent from a thread: the pipe holds less than an analysis, and the helper may
-            # still be importing matplotlib while this process goes on with the tests.
-            # Pickled here: the tests go on to fill the analysis's caches.
+            # Pickled here, before the tests fill the analysis's caches; without the study's spec, which
+            # no figure reads (unpickling it would import its pydantic models). Sent from a thread: the
+            # pipe holds less than an analysis, and the helper may still be importing matplotlib.
             job = pickle.dumps((dataclasses.replace(an, spec_source=None), out), protocol=pickle.HIGHEST_PROTOCOL)
             self.sender = threading.Thread(target=self._send, args=(self.conn, job), name="dsdtune-figures-job",
                                            daemon=True)
