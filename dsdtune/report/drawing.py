@@ -11,6 +11,7 @@ figure's error reaches the caller either way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import io
 import multiprocessing
@@ -37,9 +38,10 @@ def save_fig(fig: Figure, path: Path) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def figure_builders() -> list[Callable]:
+@functools.cache
+def figure_builders() -> tuple[Callable, ...]:
     """Every figure a report may draw, in order: builders returning (file name without suffix, Figure),
-    or None when the study has nothing for that figure. (Imports matplotlib.)"""
+    or None when the study has nothing for that figure. (Imports matplotlib; built once a process.)"""
     from . import figures as F
 
     def named(name: str, plot: Callable) -> Callable:
@@ -48,9 +50,9 @@ def figure_builders() -> list[Callable]:
             return None if fig is None else (name, fig)
         return build
 
-    return [F.plot_factor, named("fig_metric_by_arm", F.plot_arms), named("fig_learning_curves", F.plot_curves),
+    return (F.plot_factor, named("fig_metric_by_arm", F.plot_arms), named("fig_learning_curves", F.plot_curves),
             named("fig_layer_density", F.plot_layers), named("fig_weight_hist", F.plot_weights),
-            named("fig_search", F.plot_search), named("fig_metric_vs_training_flops", F.plot_cost)]
+            named("fig_search", F.plot_search), named("fig_metric_vs_training_flops", F.plot_cost))
 
 
 _JOB: tuple = ()  # (analysis, out folder): what the helper's forked workers inherit

@@ -85,6 +85,10 @@ class ArmTrials:
 
     def ok_rows(self, metric: str) -> pd.DataFrame:
         """Trials with status ok and a finite metric value (a copy of its own: change it freely)."""
+        return self._ok_rows(metric).copy()
+
+    def _ok_rows(self, metric: str) -> pd.DataFrame:
+        """ok_rows, computed once and shared: for reading only."""
         if metric not in self._ok:
             vals = pd.to_numeric(self.rows[metric], errors="coerce") if metric in self.rows else None
             if vals is None:
@@ -94,13 +98,12 @@ class ArmTrials:
                 out = self.rows[keep].copy()
                 out[metric] = vals[keep].astype(float)
             self._ok[metric] = out
-        return self._ok[metric].copy()
+        return self._ok[metric]
 
     def values(self, metric: str) -> np.ndarray:
         if metric not in self.rows:
             return np.array([])
-        self.ok_rows(metric)  # computed once
-        return self._ok[metric][metric].to_numpy(dtype=float, copy=True)
+        return self._ok_rows(metric)[metric].to_numpy(dtype=float, copy=True)
 
     def count(self, status: str) -> int:
         if self._counts is None:
