@@ -21,6 +21,7 @@ from typing import Any
 import ray
 import torch
 from ray import tune
+from ray.experimental.internal_kv import _internal_kv_exists, _internal_kv_initialized
 
 from . import registry
 from .atomic import write_bytes
@@ -35,7 +36,7 @@ MASKS_FILE = "masks.npz"
 # seconds, each report carrying the epochs since the last one: every report is a round trip through
 # the driver, which with short epochs costs as much as the training (schedulers get every epoch).
 REPORT_EVERY_S = 2.0
-# A stop request is asked for at most this often (one round trip to the driver's node); the driver
+# A stop request is asked for at most this often (one round trip to Ray's GCS); the driver
 # waits for running trials to checkpoint for much longer (study.run.StopOnSignal.grace_s).
 STOP_POLL_S = 1.0
 STOP_NAMESPACE = "dsdtune"  # the key-value namespace of the drivers' stop flags
@@ -162,7 +163,6 @@ class StopRequests:
         if self.seen or not self.name or time.monotonic() - self._asked < STOP_POLL_S:
             return self.seen
         self._asked = time.monotonic()
-        from ray.experimental.internal_kv import _internal_kv_exists, _internal_kv_initialized
         try:
             if not _internal_kv_initialized():  # not in a Ray worker: nobody can ask it to stop
                 self.name = ""
